@@ -1,0 +1,35 @@
+"""hfcompress: smaller, faster transformers models, in the tools you already use.
+
+``import hfcompress`` registers ``quant_method: "hfcompress"`` with transformers, so that
+``from_pretrained(..., compression=recipe)`` compresses while loading and a plain
+``from_pretrained(folder)`` reloads what ``save_pretrained`` wrote.
+"""
+
+from .config import CompressionConfig
+from .evaluation import PerplexityResult, evaluate_perplexity
+from .integration import register
+from .io import load_model, save_compressed
+from .pipeline import compress
+from .quantization import LinearFormat, QuantLinear
+from .recipe import CalibrationConfig, QuantizeStage, Recipe, RecipeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationConfig",
+    "CompressionConfig",
+    "LinearFormat",
+    "PerplexityResult",
+    "QuantLinear",
+    "QuantizeStage",
+    "Recipe",
+    "RecipeError",
+    "compress",
+    "evaluate_perplexity",
+    "load_model",
+    "register",
+    "save_compressed",
+]
+
+# The one import-time action: explicit registration with transformers.
+register()

@@ -1,0 +1,204 @@
+"""The ``hfcompress`` command: argparse onto the public API, nothing more.
+
+    hfcompress compress [MODEL] --recipe R --output DIR     compress (default: bundled SmolLM2-135M)
+    hfcompress eval MODEL --data D                          perplexity: JSON, or a table on a terminal
+    hfcompress inspect DIR                                  methods, bits per weight, sizes per module type
+
+User errors (bad recipe, missing file, existing output ...) print one line and exit 2; failures
+exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+logger = logging.getLogger("hfcompress")
+
+DEFAULT_RECIPE = "w4-rtn"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, dtype_default: str) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                        help=f"dtype to load the weights in (default: {dtype_default})")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model code from the checkpoint's repository to run (off unless asked)")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser, data_help: str) -> None:
+    parser.add_argument("--data", help=data_help)
+    parser.add_argument("--split", default="test", help="dataset split, for dataset names (default: test)")
+    parser.add_argument("--config-name", help="dataset configuration, for dataset names")
+    parser.add_argument("--text-column", default="text", help="dataset text column (default: text)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default: 2048)")
+    parser.add_argument("--stride", type=int, help="strided windows instead of non-overlapping ones")
+    parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    parser.add_argument("--compute-dtype", choices=("bfloat16", "float16"),
+                        help="compute under autocast in this dtype (bf16 works on CPU)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfcompress", description="Compress transformers models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on failure")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    comp = sub.add_parser("compress", help="compress a model with a recipe and save it",
+                          description="Compress MODEL (a folder, a .gguf file or a Hub id; default: the bundled "
+                                      "SmolLM2-135M-Instruct) with a recipe and save it.")
+    comp.add_argument("model", nargs="?", help="model folder, .gguf file or Hub id (default: bundled SmolLM2-135M)")
+    comp.add_argument("--recipe", default=DEFAULT_RECIPE,
+                      help=f"recipe YAML file or bundled recipe name (default: {DEFAULT_RECIPE})")
+    comp.add_argument("--output", help="output folder (default: <model>-<recipe> in the current folder)")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    _add_model_args(comp, "bfloat16")
+    _add_eval_args(comp, "measure perplexity on this text before and after (default for the bundled model: "
+                         "the bundled evaluation text; otherwise no evaluation)")
+    comp.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+
+    ev = sub.add_parser("eval", help="perplexity of a causal LM on a text",
+                        description="Perplexity of MODEL on DATA (GPTQ protocol: non-overlapping windows).")
+    ev.add_argument("model", nargs="?", help="model folder, .gguf file or Hub id (default: bundled SmolLM2-135M)")
+    _add_model_args(ev, "auto")
+    _add_eval_args(ev, "text file, folder of .txt files, dataset name (or wikitext2); default: bundled text")
+    ev.add_argument("--json", dest="json_file", help="also write the result as JSON to this file")
+
+    ins = sub.add_parser("inspect", help="what was done to a saved model, its sizes and bits per weight")
+    ins.add_argument("folder", help="a saved model folder")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _eval_options(args) -> dict:
+    return {"seq_len": args.seq_len, "stride": args.stride, "max_windows": args.max_windows,
+            "dtype": args.compute_dtype, "batch_size": args.batch_size, "split": args.split,
+            "config_name": args.config_name, "text_column": args.text_column}
+
+
+def _eval_data(args, model_given: bool):
+    from .data import bundled_text
+
+    if args.data:
+        return args.data
+    return None if model_given else bundled_text("evaluation")
+
+
+def _default_output(source, recipe_arg: str) -> Path:
+    from .io import resolve_model_source
+
+    resolved = resolve_model_source(source)
+    name = Path(resolved.gguf_file or resolved.path).stem if not resolved.hub_id else resolved.hub_id.split("/")[-1]
+    return Path(f"{name.split('.')[0]}-{Path(recipe_arg).stem}")
+
+
+def _float_bytes(model) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def run_compress(args) -> int:
+    from . import compress
+    from .data import check_text_source
+    from .evaluation import evaluate_perplexity
+    from .io import check_output, load_model, save_compressed
+    from .recipe import Recipe
+    from .report import format_bytes, summarize_folder
+
+    recipe = Recipe.load(args.recipe)  # validate before the slow steps
+    output = Path(args.output) if args.output else _default_output(args.model, args.recipe)
+    check_output(output, args.overwrite)
+    data = None if args.no_eval else _eval_data(args, args.model is not None)
+    check_text_source(data)
+    model, tokenizer, source = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if data is not None and tokenizer is None:
+        raise UserError("perplexity needs a tokenizer and none was found with the model: pass --no-eval")
+    size_before = _float_bytes(model)
+    before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
+    compress(model, recipe, tokenizer=tokenizer)
+    config = model.config.quantization_config
+    if config.base_model is None:
+        config.base_model = source.hub_id
+    after = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
+    if after is not None:
+        config.metrics["perplexity"] = {**after.to_dict(), "data": str(data)}
+        config.metrics["perplexity_before_compression"] = before.perplexity
+    save_compressed(model, output, tokenizer, overwrite=args.overwrite)
+    summary = summarize_folder(output)
+    print(f"size:       {format_bytes(size_before)} ({args.dtype}) -> {format_bytes(summary['tensor_bytes'])} "
+          f"({summary['bits_per_weight']:.2f} bits per weight)")
+    if after is not None:
+        print(f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} "
+              f"({after.windows} windows of {after.seq_len} tokens of {Path(str(data)).name})")
+    return 0
+
+
+def run_eval(args) -> int:
+    from .data import check_text_source
+    from .evaluation import evaluate_perplexity
+    from .io import load_model
+
+    data = _eval_data(args, model_given=False)
+    check_text_source(data)
+    model, tokenizer, source = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if not model.can_generate():
+        raise UserError(f"perplexity needs a causal language model; {type(model).__name__} is not one")
+    result = evaluate_perplexity(model, tokenizer, data, **_eval_options(args))
+    record = {"model": args.model or source.hub_id, "data": str(data), **result.to_dict()}
+    text = json.dumps(record, indent=2)
+    if args.json_file:
+        Path(args.json_file).write_text(text + "\n", encoding="utf-8")
+    if sys.stdout.isatty():
+        width = max(len(k) for k in record)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in record.items()))
+    else:
+        print(text)
+    return 0
+
+
+def run_inspect(args) -> int:
+    from .report import format_summary, summarize_folder
+
+    summary = summarize_folder(args.folder)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+COMMANDS = {"compress": run_compress, "eval": run_eval, "inspect": run_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"hfcompress: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hfcompress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure of ours, not of the input: say so, with the traceback on -v
+        logger.debug("traceback", exc_info=True)
+        print(f"hfcompress: failed: {type(err).__name__}: {err}" + ("" if args.verbose else " (-v for the traceback)"),
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Text for calibration, training and evaluation: a file, a folder of .txt files, or a dataset.
+
+Files are read in Python text mode (universal newlines), the way the GPTQ paper's evaluation
+reads WikiText-2. Folders and dataset rows are joined with a blank line.
+
+>>> import tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> _ = (folder / "a.txt").write_text("first"); _ = (folder / "b.txt").write_text("second")
+>>> load_text(folder)
+'first\\n\\nsecond'
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+SEPARATOR = "\n\n"
+# Short names for the standard corpora: name -> (dataset, config, split). They need the Hub.
+DATASET_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
+
+
+def bundled_text(name: str) -> Path:
+    """Path of a text shipped with the package: ``calibration`` or ``evaluation`` (public domain)."""
+    path = importlib.resources.files("hfcompress") / "texts" / f"{name}.txt"
+    return Path(os.fspath(path))
+
+
+def _join_rows(dataset: Any, text_column: str) -> str:
+    if text_column not in dataset.column_names:
+        raise DataError(
+            f"the dataset has no column {text_column!r}; its columns are {', '.join(dataset.column_names)}: "
+            "name the text column (text_column=..., --text-column)"
+        )
+    return SEPARATOR.join(row for row in dataset[text_column] if row)
+
+
+def _pick_split(dataset: Any, split: str) -> Any:
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in dataset:
+            raise DataError(f"the dataset has no split {split!r}; its splits are {', '.join(dataset)}")
+        return dataset[split]
+    return dataset
+
+
+_PATH_SUFFIXES = (".txt", ".raw", ".text", ".md", ".json", ".jsonl", ".csv", ".parquet")
+
+
+def check_text_source(data: Any) -> None:
+    """Fail early, before a model loads, when ``data`` is clearly a path that does not exist."""
+    if isinstance(data, (str, os.PathLike)):
+        text = os.fspath(data)
+        looks_like_path = text.startswith((".", "/", "~")) or text.lower().endswith(_PATH_SUFFIXES)
+        if looks_like_path and not Path(text).expanduser().exists():
+            raise DataError(f"{text}: no such file or folder (expected a text file, a folder of .txt files or a dataset name)")
+
+
+def load_text(data: Any, *, split: str = "test", config_name: str | None = None, text_column: str = "text") -> str:
+    """The text behind ``data``: a path to a file or folder, a ``datasets`` object, or a dataset name."""
+    import datasets
+
+    if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+        return _join_rows(_pick_split(data, split), text_column)
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"expected a text file, a folder of .txt files or a dataset, got {type(data).__name__}")
+    check_text_source(data)
+    path = Path(data).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _join_rows(_pick_split(datasets.load_from_disk(os.fspath(path)), split), text_column)
+        files = sorted(path.glob("*.txt"))
+        if files:
+            return SEPARATOR.join(f.read_text(encoding="utf-8") for f in files)
+    name = os.fspath(data)
+    if name in DATASET_ALIASES:
+        name, config_name, split = DATASET_ALIASES[name]
+    return _load_dataset(name, split, config_name, text_column)
+
+
+def _load_dataset(name: str, split: str, config_name: str | None, text_column: str) -> str:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config_name, split=split)
+    except Exception as err:  # datasets raises many types; all mean "cannot get this data"
+        raise DataError(
+            f"{name!r} is not a text file, a folder of .txt files, nor a dataset that could be loaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); offline, pass a local "
+            "file or folder"
+        ) from None
+    return _join_rows(dataset, text_column)

@@ -1,0 +1,132 @@
+"""Perplexity, by the GPTQ paper's protocol (non-overlapping windows) or with a sliding stride.
+
+Non-overlapping: the whole text is tokenized once and cut into ``n = tokens // seq_len``
+windows (the remainder is dropped); each window is scored on its own and the perplexity is
+``exp(mean NLL)`` over all predicted tokens. Strided: windows of at most ``seq_len`` tokens start
+every ``stride`` tokens and only the tokens not scored by the previous window count, so every
+token but the first is scored once, with up to ``seq_len - stride`` tokens of context before it.
+
+>>> import torch
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
+>>> ids = torch.randint(0, 50, (300,))
+>>> result = evaluate_perplexity(model, None, ids, seq_len=100, progress=False)
+>>> result.windows, result.tokens
+(3, 297)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import load_text
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    tokens: int  # tokens scored
+    windows: int
+    seq_len: int
+    stride: int | None
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenize(tokenizer, data: Any, **text_kwargs) -> torch.Tensor:
+    """1-D token ids of ``data`` (already ids, or text loaded by :func:`hfcompress.data.load_text`)."""
+    if isinstance(data, torch.Tensor):
+        return data.flatten().long()
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to evaluate text (pass token ids to go without one)")
+    text = load_text(data, **text_kwargs)
+    # The text is tokenized whole, as in the GPTQ protocol: mark the "longer than the model's maximum
+    # length" warning as already given, since windows are cut afterwards.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def _windows(n_tokens: int, seq_len: int, stride: int | None, max_windows: int | None):
+    """(begin, end, scored) triples: score the last ``scored`` tokens of ``ids[begin:end]``."""
+    if stride is None:
+        spans = [(i * seq_len, (i + 1) * seq_len, seq_len) for i in range(n_tokens // seq_len)]
+    else:
+        spans, scored_until = [], 0
+        for begin in range(0, n_tokens, stride):
+            end = min(begin + seq_len, n_tokens)
+            spans.append((begin, end, end - scored_until))
+            scored_until = end
+            if end == n_tokens:
+                break
+    return spans[:max_windows] if max_windows else spans
+
+
+@torch.inference_mode()
+def evaluate_perplexity(
+    model,
+    tokenizer,
+    data: Any,
+    seq_len: int = 2048,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    **text_kwargs,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on ``data`` (text file, folder, dataset, name or token ids).
+
+    ``dtype="bfloat16"`` computes under autocast (bf16 matmuls on CPU too) without touching the
+    weights. ``text_kwargs`` go to :func:`hfcompress.data.load_text` (``split``, ``config_name``,
+    ``text_column``).
+    """
+    if stride is not None and not 0 < stride <= seq_len:
+        raise ValueError(f"stride={stride} must be in [1, seq_len={seq_len}]")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    ids = tokenize(tokenizer, data, **text_kwargs)
+    spans = _windows(ids.numel(), seq_len, stride, max_windows)
+    if not spans or spans[0][1] - spans[0][0] < 2:
+        raise DataError(f"the text has {ids.numel()} tokens, too few for one window of seq_len={seq_len}")
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    total_nll, total_tokens = 0.0, 0
+    batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        # Strided windows can differ in length (the last one); those go one by one.
+        groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[s] for s in batch]
+        for group in groups:
+            inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            with autocast:
+                logits = model(input_ids=inputs, use_cache=False).logits
+            for row, (b, e, scored) in enumerate(group):
+                # Token t is predicted by the logits at t - 1; the first token of a window has none.
+                scored = min(scored, e - b - 1)
+                pred = logits[row, -scored - 1 : -1].float()
+                target = inputs[row, -scored:]
+                total_nll += F.cross_entropy(pred, target, reduction="sum").item()
+                total_tokens += scored
+    model.train(was_training)
+    nll = total_nll / total_tokens
+    result = PerplexityResult(
+        perplexity=math.exp(nll), nll=nll, tokens=total_tokens, windows=len(spans), seq_len=seq_len,
+        stride=stride, dtype=str(dtype).removeprefix("torch.") if dtype is not None else str(model.dtype).removeprefix("torch."),
+    )
+    logger.info("perplexity %.4f over %d tokens in %d windows", result.perplexity, result.tokens, result.windows)
+    return result

@@ -1,0 +1,1 @@
+"""On-disk formats: checking our native safetensors checkpoints (exports come later)."""

@@ -1,0 +1,59 @@
+"""Checks on a checkpoint before its tensors load: readable safetensors, every promised tensor.
+
+transformers leaves a missing tensor uninitialized with only a warning; for a packed layer that
+would be silent garbage, so a compressed checkpoint is checked against its config first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..config import CompressionConfig
+from ..errors import CheckpointError
+
+
+def read_tensor_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over all files, reading headers only; never unpickles anything."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        file = os.fspath(file)
+        if not file.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{file}: hfcompress checkpoints are stored as safetensors only; re-save the model with "
+                "save_pretrained (safe_serialization is the default)"
+            )
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"{file}: truncated or corrupt safetensors file ({err}); re-save or re-download the checkpoint"
+            ) from None
+    return shapes
+
+
+def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Module, config: CompressionConfig) -> None:
+    """Raise :class:`CheckpointError` unless ``files`` hold every packed tensor ``model`` expects."""
+    shapes = read_tensor_shapes(files)
+    prefix = getattr(model, "base_model_prefix", "")
+    missing, wrong = [], []
+    for name in config.modules:
+        for buffer_name, buffer in model.get_submodule(name).named_buffers():
+            key = f"{name}.{buffer_name}"
+            candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
+            found = next((shapes[c] for c in candidates if c in shapes), None)
+            if found is None:
+                missing.append(key)
+            elif found != tuple(buffer.shape):
+                wrong.append(f"{key} {found} (expected {tuple(buffer.shape)})")
+    if missing or wrong:
+        problems = [f"missing {k}" for k in missing[:5]] + [f"wrong shape {w}" for w in wrong[:5]]
+        raise CheckpointError(
+            f"the checkpoint does not match its hfcompress quantization_config ({len(missing)} tensors missing, "
+            f"{len(wrong)} with wrong shapes: {'; '.join(problems)}); it is incomplete or was edited: re-save it"
+        )

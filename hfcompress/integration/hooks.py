@@ -1,0 +1,104 @@
+"""The three small wrappers that ``import hfcompress`` installs on ``PreTrainedModel``.
+
+transformers rejects unknown ``from_pretrained`` arguments and has no hook for extra files at
+save time, so the plugin wraps three methods, each of which only delegates:
+
+- ``from_pretrained(..., compression=recipe)`` becomes
+  ``from_pretrained(..., quantization_config=CompressionConfig(recipe))``. A GGUF file cannot be
+  combined with a second quantizer inside transformers, so there the model loads first and
+  :func:`hfcompress.compress` runs after.
+- ``save_pretrained`` also writes a model card (``README.md``) for compressed models.
+- ``push_to_hub`` uploads what ``save_pretrained`` wrote, card included (transformers' own would
+  replace the card with a blank template).
+
+Models that hfcompress did not compress take the original code paths unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+
+from transformers import PreTrainedModel
+
+from ..config import CompressionConfig
+
+logger = logging.getLogger(__name__)
+
+_ORIGINALS: dict[str, object] = {}
+
+
+def is_compressed(model) -> bool:
+    """Whether ``model`` carries an hfcompress config (it was compressed or loaded compressed)."""
+    return isinstance(getattr(getattr(model, "config", None), "quantization_config", None), CompressionConfig)
+
+
+def _from_pretrained(original, cls, *args, compression=None, **kwargs):
+    if compression is None:
+        return original(cls, *args, **kwargs)
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError("pass either compression= or quantization_config=, not both")
+    if kwargs.get("gguf_file"):
+        from ..pipeline import compress
+
+        model = original(cls, *args, **kwargs)
+        return compress(model, compression)
+    kwargs["quantization_config"] = CompressionConfig(recipe=compression)
+    return original(cls, *args, **kwargs)
+
+
+def _save_pretrained(original, self, save_directory, *args, **kwargs):
+    result = original(self, save_directory, *args, **kwargs)
+    if is_compressed(self) and kwargs.get("is_main_process", True):
+        from ..card import write_model_card
+
+        write_model_card(self, save_directory)
+    return result
+
+
+def _push_to_hub(original, self, repo_id, *args, **kwargs):
+    if not is_compressed(self):
+        return original(self, repo_id, *args, **kwargs)
+    return _push_compressed(self, repo_id, **kwargs)
+
+
+def _push_compressed(self, repo_id, *, commit_message=None, commit_description=None, private=None, token=None,
+                     revision=None, create_pr=False, max_shard_size="50GB", tags=None):
+    from huggingface_hub import HfApi
+
+    if tags:
+        self.add_model_tags(tags)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        self.save_pretrained(folder, max_shard_size=max_shard_size)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or "Upload model compressed with hfcompress",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def _wrap(name: str, wrapper, as_classmethod: bool = False) -> None:
+    original = getattr(PreTrainedModel, name)
+    original = original.__func__ if as_classmethod else original
+    _ORIGINALS[name] = original
+
+    @functools.wraps(original)
+    def method(self_or_cls, *args, **kwargs):
+        return wrapper(original, self_or_cls, *args, **kwargs)
+
+    setattr(PreTrainedModel, name, classmethod(method) if as_classmethod else method)
+
+
+def install() -> None:
+    """Install the wrappers once (idempotent)."""
+    if _ORIGINALS:
+        return
+    _wrap("from_pretrained", _from_pretrained, as_classmethod=True)
+    _wrap("save_pretrained", _save_pretrained)
+    _wrap("push_to_hub", _push_to_hub)

@@ -1,0 +1,55 @@
+"""The transformers quantizer for ``quant_method: "hfcompress"``: a thin adapter to our pipeline.
+
+- loading a float checkpoint with ``quantization_config=CompressionConfig(recipe)``: the weights
+  load as usual, then :func:`hfcompress.compress` runs the recipe;
+- loading a checkpoint saved by hfcompress: the packed modules are rebuilt on the meta device
+  before the weights load, after the checkpoint files are checked for truncation and for the
+  tensors the config promises.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers.base import HfQuantizer
+
+from ..config import FORMAT_VERSION, CompressionConfig
+from ..formats.checkpoint import check_quantized_checkpoint
+from ..quantization.stage import rebuild_quantized_modules
+
+
+class CompressionQuantizer(HfQuantizer):
+    """Delegates to :mod:`hfcompress.pipeline` and :mod:`hfcompress.quantization.stage`."""
+
+    requires_calibration = False
+    quantization_config: CompressionConfig
+
+    def validate_environment(self, *args, **kwargs):
+        config = self.quantization_config
+        if not self.pre_quantized and config.recipe is None:
+            raise ValueError(
+                "CompressionConfig has no recipe to apply to this float checkpoint: pass "
+                "CompressionConfig(recipe=...) or from_pretrained(..., compression=recipe)"
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            rebuild_quantized_modules(model, self.quantization_config)
+            if checkpoint_files:
+                check_quantized_checkpoint(checkpoint_files, model, self.quantization_config)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            from ..pipeline import compress
+
+            compress(model, self.quantization_config.recipe, config=self.quantization_config)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return None, {"hfcompress_format_version": str(FORMAT_VERSION)}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

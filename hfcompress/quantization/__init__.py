@@ -1,0 +1,7 @@
+"""Weight quantization: the integer grid, bit packing, RTN, and the packed QuantLinear module."""
+
+from .grid import QuantizedWeight
+from .qlinear import LinearFormat, QuantLinear
+from .rtn import quantize_rtn
+
+__all__ = ["LinearFormat", "QuantLinear", "QuantizedWeight", "quantize_rtn"]

@@ -1,0 +1,159 @@
+"""QuantLinear: a Linear layer whose weight is stored packed, in the GPTQ layout.
+
+Buffers (``K = in_features``, ``N = out_features``, ``G = n_groups``; layout in ``pack.py``):
+
+======== ======================================= ==================================================
+name     dtype / shape                           meaning
+======== ======================================= ==================================================
+qweight  int32 ``[ceil(K*bits/32), N]``          codes, packed along K
+qzeros   int32 ``[G, ceil(N*bits/32)]``          integer zero points, packed along N (stored as is,
+                                                 not minus one as GPTQ v1 exports do)
+scales   ``scale_dtype`` ``[G, N]``              one scale per group and output channel
+g_idx    int32 ``[K]`` (act-order only)          group of each input column
+bias     model dtype ``[N]`` (when the original
+         layer had one)
+======== ======================================= ==================================================
+
+The forward pass here is the reference path: unpack, dequantize, matmul. Faster kernels plug in
+behind the same buffers; they must match this path.
+
+>>> import torch
+>>> from hfcompress.quantization.rtn import quantize_rtn
+>>> linear = torch.nn.Linear(100, 24)
+>>> fmt = LinearFormat(bits=4, group_size=32, sym=False)
+>>> qlinear = QuantLinear.from_quantized(quantize_rtn(linear.weight, 4, 32, False), linear.bias, fmt)
+>>> qlinear(torch.randn(3, 100)).shape
+torch.Size([3, 24])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import QuantizedWeight, group_count, group_index
+from .pack import SUPPORTED_BITS, pack_columns, pack_rows, packed_length, unpack_columns, unpack_rows
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LinearFormat:
+    """How one linear layer is stored: recorded per module in the config, rebuilt on load."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool = False
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be -1 (one group per row) or positive")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W)^T + b`` with ``W`` stored packed (see the module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: LinearFormat,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.format = fmt
+        groups = group_count(in_features, fmt.group_size)
+        bits = fmt.bits
+        self.register_buffer(
+            "qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=fmt.torch_scale_dtype, device=device))
+        if fmt.act_order:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        else:
+            self.g_idx = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, fmt: LinearFormat) -> QuantLinear:
+        """Pack a :class:`QuantizedWeight` (codes ``[N, K]``) into a new module on the same device."""
+        n, k = qw.q.shape
+        if (qw.bits, qw.group_size, qw.sym) != (fmt.bits, fmt.group_size, fmt.sym):
+            raise ValueError(f"quantized weight ({qw.bits} bits, group {qw.group_size}) does not match {fmt}")
+        dtype = bias.dtype if bias is not None else None
+        module = cls(k, n, fmt, bias=bias is not None, device=qw.q.device, dtype=dtype)
+        module.qweight.copy_(pack_rows(qw.q.t(), fmt.bits))
+        module.qzeros.copy_(pack_columns(qw.zeros, fmt.bits))
+        module.scales.copy_(qw.scales)
+        if fmt.act_order:
+            module.g_idx.copy_(qw.g_idx)
+        elif not torch.equal(qw.g_idx.cpu(), group_index(k, fmt.group_size)):
+            raise ValueError("a permuted group index needs act_order=True to be stored")
+        if bias is not None:
+            module.bias.copy_(bias.detach())
+        return module
+
+    def unpack(self) -> QuantizedWeight:
+        """The stored weight as unpacked codes, scales, zeros and group index."""
+        fmt = self.format
+        g_idx = self.g_idx if self.g_idx is not None else group_index(self.in_features, fmt.group_size, self.qweight.device)
+        return QuantizedWeight(
+            q=unpack_rows(self.qweight, fmt.bits, self.in_features).t().contiguous(),
+            scales=self.scales,
+            zeros=unpack_columns(self.qzeros, fmt.bits, self.out_features),
+            g_idx=g_idx,
+            bits=fmt.bits,
+            group_size=fmt.group_size,
+            sym=fmt.sym,
+        )
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """float32 ``[N, K]``: the weight this layer multiplies by."""
+        return self.unpack().dequantize()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, float32 ``[N, K]``, for code that inspects ``.weight``.
+
+        transformers' initializers touch ``.weight`` of known submodules (GPT-2 rescales
+        ``c_proj.weight``); the forward pass never uses this, and writing to it changes nothing.
+        """
+        return self.dequantize_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize_weight().to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        f = self.format
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={f.bits}, "
+            f"group_size={f.group_size}, sym={f.sym}, act_order={f.act_order}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,148 @@
+"""What a saved folder holds: methods, sizes per module type and bits per weight.
+
+Reads ``config.json`` and the safetensors headers only (no tensor data, no model code), so it
+works on any folder, compressed or not. ``linear_shapes`` (``{module: (in, out)}``) gives exact
+weight counts for packed layers; without it they are read off the packed shapes, which is exact
+unless ``in_features * bits`` is not a multiple of 32.
+
+Example (on a folder saved by ``save_pretrained``)::
+
+    summary = summarize_folder("my-model-w4")
+    summary["bits_per_weight"], summary["by_type"]["quantized linear"]["bits_per_weight"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .errors import CheckpointError
+from .formats.checkpoint import read_tensor_shapes
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _tensor_dtypes(files: list[Path]) -> dict[str, str]:
+    dtypes = {}
+    for file in files:
+        with safe_open(os.fspath(file), framework="pt") as handle:
+            for key in handle.keys():
+                dtypes[key] = handle.get_slice(key).get_dtype()
+    return dtypes
+
+
+def _module_type(module: str, shape: tuple[int, ...]) -> str:
+    leaf = module.rsplit(".", 1)[-1]
+    if "embed" in leaf or leaf in ("wte", "wpe", "shared"):
+        return "embedding"
+    if leaf == "lm_head" or len(shape) == 2:
+        return "float linear"
+    return "other (norms, biases)"
+
+
+def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]] | None = None) -> dict:
+    """A JSON-ready summary of a saved model folder."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; not a saved transformers model folder")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")
+    shapes = read_tensor_shapes(files)
+    dtypes = _tensor_dtypes(files)
+
+    qconfig = config.get("quantization_config") or {}
+    formats = {}
+    if qconfig.get("quant_method") == "hfcompress":
+        for group in qconfig.get("quantized", []):
+            for name in group["modules"]:
+                formats[name] = group
+    by_type: dict[str, dict[str, float]] = {}
+
+    def add(kind: str, params: int, nbytes: int) -> None:
+        entry = by_type.setdefault(kind, {"params": 0, "bytes": 0})
+        entry["params"] += params
+        entry["bytes"] += nbytes
+
+    for key, shape in shapes.items():
+        module, _, tensor = key.rpartition(".")
+        nbytes = DTYPE_BYTES.get(dtypes[key], 4)
+        for dim in shape:
+            nbytes *= dim
+        if module in formats:
+            group = formats[module]
+            if tensor == "qweight":
+                if linear_shapes and module in linear_shapes:
+                    in_features = linear_shapes[module][0]
+                else:
+                    in_features = shape[0] * 32 // group["bits"]
+                add("quantized linear", in_features * shape[1], nbytes)
+            elif tensor == "bias":
+                add("other (norms, biases)", shape[0], nbytes)
+            else:
+                add("quantized linear", 0, nbytes)
+            continue
+        params = 1
+        for dim in shape:
+            params *= dim
+        add(_module_type(module, shape), params, nbytes)
+
+    for entry in by_type.values():
+        entry["bits_per_weight"] = round(8 * entry["bytes"] / entry["params"], 3) if entry["params"] else None
+    params = sum(e["params"] for e in by_type.values())
+    tensor_bytes = sum(e["bytes"] for e in by_type.values())
+    methods = []
+    if qconfig.get("quant_method") == "hfcompress":
+        for stage in (qconfig.get("recipe") or {}).get("stages", []):
+            (name, options), = stage.items()
+            methods.append(f"{name}:{options.get('method', name)}" if name == "quantize" else name)
+    elif qconfig:
+        methods.append(str(qconfig.get("quant_method")))
+    return {
+        "folder": str(directory),
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "methods": methods,
+        "quantized": [{k: v for k, v in g.items() if k != "modules"} | {"modules": len(g["modules"])}
+                      for g in qconfig.get("quantized", [])] if qconfig.get("quant_method") == "hfcompress" else [],
+        "params": params,
+        "tensor_bytes": tensor_bytes,
+        "file_bytes": sum(f.stat().st_size for f in files),
+        "folder_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
+        "bits_per_weight": round(8 * tensor_bytes / params, 3) if params else None,
+        "by_type": by_type,
+        "metrics": qconfig.get("metrics", {}) if qconfig.get("quant_method") == "hfcompress" else {},
+    }
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a terminal table."""
+    lines = [
+        f"{summary['folder']}: {summary['model_type']} ({', '.join(summary['architectures'] or [])})",
+        f"methods: {', '.join(summary['methods']) or 'none (float checkpoint)'}",
+    ]
+    for group in summary["quantized"]:
+        lines.append(f"  {group['modules']} linear layers at {group['bits']} bits, group size {group['group_size']}, "
+                     f"{'symmetric' if group['sym'] else 'asymmetric'}{', act-order' if group.get('act_order') else ''}")
+    lines.append(f"{'module type':<24}{'params':>14}{'size':>12}{'bits/weight':>13}")
+    for kind, entry in sorted(summary["by_type"].items()):
+        bpw = f"{entry['bits_per_weight']:.2f}" if entry["bits_per_weight"] is not None else "-"
+        lines.append(f"{kind:<24}{entry['params']:>14,}{format_bytes(entry['bytes']):>12}{bpw:>13}")
+    bpw = f"{summary['bits_per_weight']:.2f}" if summary["bits_per_weight"] is not None else "-"
+    lines.append(f"{'total':<24}{summary['params']:>14,}{format_bytes(summary['tensor_bytes']):>12}{bpw:>13}")
+    lines.append(f"files on disk: {format_bytes(summary['folder_bytes'])}")
+    return "\n".join(lines)

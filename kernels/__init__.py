@@ -1,0 +1,1 @@
+"""Triton kernels for packed low-bit matmuls (installed as `hfcompress.kernels`)."""

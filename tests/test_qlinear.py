@@ -1,0 +1,57 @@
+"""QuantLinear against the dequantize-then-matmul reference, for every format."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfcompress.quantization.grid import QuantizedWeight
+from hfcompress.quantization.qlinear import LinearFormat, QuantLinear
+from hfcompress.quantization.rtn import quantize_rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 48])
+@pytest.mark.parametrize("sym", [True, False])
+def test_forward_matches_reference_and_unpack_round_trips(bits, group_size, sym):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(100, 40, bias=True)  # 100 = 2*48 + 4: a ragged last group
+    qw = quantize_rtn(linear.weight.detach(), bits, group_size, sym)
+    module = QuantLinear.from_quantized(qw, linear.bias, LinearFormat(bits, group_size, sym))
+    unpacked = module.unpack()
+    assert torch.equal(unpacked.q, qw.q) and torch.equal(unpacked.zeros, qw.zeros)
+    assert torch.equal(unpacked.scales, qw.scales)
+    x = torch.randn(5, 100)
+    assert torch.equal(module(x), F.linear(x, qw.dequantize(), linear.bias))
+
+
+def test_act_order_group_index_is_stored_and_used():
+    torch.manual_seed(0)
+    qw = quantize_rtn(torch.randn(16, 64), 4, 32, sym=False)
+    perm = torch.randperm(64)
+    # A permuted grouping: column perm[i] belongs to group i // 32.
+    g_idx = torch.empty(64, dtype=torch.int32)
+    g_idx[perm] = torch.arange(64, dtype=torch.int32) // 32
+    permuted = QuantizedWeight(qw.q, qw.scales, qw.zeros, g_idx, 4, 32, False)
+    fmt = LinearFormat(4, 32, False, act_order=True)
+    module = QuantLinear.from_quantized(permuted, None, fmt)
+    assert torch.equal(module.g_idx, g_idx)
+    assert torch.equal(module.dequantize_weight(), permuted.dequantize())
+    with pytest.raises(ValueError, match="act_order"):
+        QuantLinear.from_quantized(permuted, None, LinearFormat(4, 32, False))
+
+
+def test_bf16_activations_give_bf16_outputs():
+    qw = quantize_rtn(torch.randn(8, 64), 4, 64, sym=True)
+    module = QuantLinear.from_quantized(qw, None, LinearFormat(4, 64, True))
+    y = module(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bits": 5, "group_size": 32, "sym": True}, "valid: 2, 3, 4, 8"),
+    ({"bits": 4, "group_size": 0, "sym": True}, "group_size=0"),
+    ({"bits": 4, "group_size": 32, "sym": True, "scale_dtype": "int8"}, "scale_dtype"),
+])
+def test_invalid_formats_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LinearFormat(**kwargs)

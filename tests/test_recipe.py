@@ -1,0 +1,106 @@
+"""Recipes: every bad input names its key and the valid choices; YAML round trips are lossless."""
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hfcompress.recipe import CalibrationConfig, QuantizeStage, Recipe, RecipeError, bundled_recipes
+
+
+def quantize(**options):
+    return {"stages": [{"quantize": options}]}
+
+
+@pytest.mark.parametrize("data, expected", [
+    (quantize(bits=5), r"stages\[0\]\.quantize\.bits: 5 is not a valid bit width; valid: 2, 3, 4, 8"),
+    (quantize(bits=1), r"bits: 1 is not a valid bit width; valid: 2, 3, 4, 8"),
+    (quantize(group_size=0), r"quantize\.group_size: 0 is not valid; use -1 \(one group per row\) or a positive"),
+    (quantize(group_size=-2), r"group_size: -2 is not valid"),
+    (quantize(groupsize=128), r"quantize\.groupsize: unknown key 'groupsize'; valid keys: method, bits, group_size, sym"),
+    (quantize(method="awq"), r"method: 'awq' is not a method we have; valid: rtn"),
+    (quantize(bits="4"), r"quantize\.bits: expected an integer, got '4'"),
+    (quantize(bits=4.0), r"quantize\.bits: expected an integer, got 4\.0"),
+    (quantize(bits=True), r"quantize\.bits: expected an integer, got True"),
+    (quantize(sym="yes"), r"quantize\.sym: expected true or false, got 'yes'"),
+    (quantize(ignore="lm_head"), r"quantize\.ignore: expected a list, got 'lm_head'"),
+    (quantize(ignore=[3]), r"quantize\.ignore\[0\]: expected a string, got 3"),
+    ({"stages": [{"prune": {"heads": 0.25}}]}, r"stages\[0\]: unknown stage 'prune'; valid stages: quantize"),
+    ({"stages": [{"quantize": {}, "prune": {}}]}, r"stages\[0\]: a stage is a mapping with one key"),
+    ({"stages": []}, r"a recipe needs at least one stage; valid stages: quantize"),
+    ({"stages": {"quantize": {}}}, r"stages: expected a list of stages"),
+    ({"stage": []}, r"recipe stage: unknown key 'stage'; valid keys: calibration, stages"),
+    ({"calibration": {"samples": 0}, **quantize()}, r"calibration\.samples: 0 must be positive"),
+    ({"calibration": {"sample": 8}, **quantize()}, r"calibration\.sample: unknown key 'sample'; valid keys: data"),
+    ([1, 2], r"recipe: expected a mapping"),
+])
+def test_bad_recipes_name_the_problem(data, expected):
+    with pytest.raises(RecipeError, match=expected):
+        Recipe.from_dict(data)
+
+
+def test_bad_yaml_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.from_yaml("stages: [quantize: {bits: 4")
+
+
+def test_yaml_never_builds_python_objects():
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.from_yaml("stages: !!python/object/apply:os.system ['true']")
+
+
+def test_python_objects_validate_too():
+    with pytest.raises(RecipeError, match="bits: 7"):
+        QuantizeStage(bits=7)
+    with pytest.raises(RecipeError, match="is not a stage"):
+        Recipe(stages=[{"quantize": {}}])
+
+
+def test_defaults_fill_in_and_string_stage_names_work():
+    recipe = Recipe.from_yaml("stages: [quantize]")
+    assert recipe.stages == [QuantizeStage()]
+
+
+@st.composite
+def recipes(draw):
+    stages = [
+        QuantizeStage(
+            method="rtn",
+            bits=draw(st.sampled_from([2, 3, 4, 8])),
+            group_size=draw(st.one_of(st.just(-1), st.integers(1, 4096))),
+            sym=draw(st.booleans()),
+            lm_head=draw(st.booleans()),
+            ignore=draw(st.lists(st.text(min_size=1, max_size=12), max_size=3)),
+        )
+        for _ in range(draw(st.integers(1, 3)))
+    ]
+    calibration = draw(st.one_of(st.none(), st.builds(
+        CalibrationConfig, data=st.one_of(st.none(), st.text(max_size=20)), samples=st.integers(1, 512),
+        seq_len=st.integers(1, 8192), seed=st.integers(0, 2**31))))
+    return Recipe(stages=stages, calibration=calibration)
+
+
+@settings(max_examples=50, deadline=None)
+@given(recipes())
+def test_round_trips_are_lossless(recipe):
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert yaml.safe_load(recipe.to_yaml()) == recipe.to_dict()
+
+
+def test_load_accepts_objects_dicts_paths_and_bundled_names(tmp_path):
+    recipe = Recipe(stages=[QuantizeStage(bits=8, group_size=-1)])
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.load(recipe) is recipe
+    assert Recipe.load(recipe.to_dict()) == recipe
+    assert Recipe.load(path) == recipe
+    assert Recipe.load(str(path)) == recipe
+    assert Recipe.load("w4-rtn").stages[0].bits == 4
+    with pytest.raises(RecipeError, match="neither a YAML file nor a bundled recipe; bundled: .*w4-rtn"):
+        Recipe.load("no-such-recipe")
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_every_bundled_recipe_validates(name):
+    assert Recipe.load(name).stages
