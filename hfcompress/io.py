@@ -108,6 +108,8 @@ def load_model(
     from transformers import AutoTokenizer
 
     resolved = resolve_model_source(source)
+    if resolved.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise ModelSourceError("reading .gguf files needs the gguf package: pip install 'hfcompress[gguf]'")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
         cls = _model_class(resolved, trust_remote_code)

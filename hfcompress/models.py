@@ -80,3 +80,30 @@ def find_linear_layers(
         if not any(matches(name, [pattern]) for name in all_names):
             logger.warning("ignore pattern %r matches no linear layer of %s", pattern, type(model).__name__)
     return found
+
+
+# Where each family keeps its stack of blocks, relative to ``model.base_model``.
+BLOCK_PATHS = {
+    "llama": "layers",
+    "mistral": "layers",
+    "qwen2": "layers",
+    "gpt2": "h",
+    "opt": "decoder.layers",
+    "bert": "encoder.layer",
+}
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks, for layer-by-layer calibration.
+
+    Raises a ValueError naming the model type and the supported ones when the family is unknown.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type not in BLOCK_PATHS:
+        raise ValueError(
+            f"calibrated methods do not support model type {model_type!r} yet; supported: "
+            f"{', '.join(sorted(BLOCK_PATHS))} (data-free method rtn works on any model)"
+        )
+    base = getattr(model, "base_model", model)
+    return base.get_submodule(BLOCK_PATHS[model_type])

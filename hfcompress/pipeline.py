@@ -14,16 +14,73 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from .config import CompressionConfig
-from .recipe import Recipe
 from .quantization.stage import apply_quantize_stage
+from .recipe import CalibrationConfig, Recipe
 
 logger = logging.getLogger(__name__)
 
-# Stage name -> runner(model, stage_config, compression_config). New stages register here.
+@dataclass
+class CompressionContext:
+    """What stages may need beyond the model: calibration data, a tokenizer, a resume folder.
+
+    Calibration windows are built on first use and shared by all stages of a recipe.
+    """
+
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    calibration_data: Any = None  # overrides calibration.data: a path, a dataset or token windows
+    tokenizer: Any = None
+    tokenizer_source: tuple[str, dict] | None = None  # (path, kwargs) to load one lazily
+    resume_dir: Path | None = None
+    device: torch.device | None = None
+    stage_index: int = 0
+    _windows: torch.Tensor | None = None
+
+    def calibration_windows(self) -> torch.Tensor:
+        from .calibration import calibration_windows
+        from .data import bundled_text
+
+        if self._windows is None:
+            data = self.calibration_data if self.calibration_data is not None else self.calibration.data
+            if data is None:
+                data = bundled_text("calibration")
+                logger.info("no calibration data given: using the bundled text %s", data)
+            self._windows = calibration_windows(self._get_tokenizer(data), data, self.calibration.samples,
+                                                self.calibration.seq_len, self.calibration.seed)
+            logger.info("calibration: %d windows of %d tokens", *self._windows.shape)
+        return self._windows
+
+    def _get_tokenizer(self, data):
+        if self.tokenizer is None and not isinstance(data, torch.Tensor):
+            if self.tokenizer_source is None:
+                raise ValueError("calibration text needs a tokenizer: pass tokenizer= to compress() (or token windows)")
+            from transformers import AutoTokenizer
+
+            path, kwargs = self.tokenizer_source
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        return self.tokenizer
+
+    def resume_state(self, model: nn.Module, stage, windows: torch.Tensor):
+        """A checkpoint folder for this stage, keyed by model, stage and calibration windows."""
+        if self.resume_dir is None:
+            return None
+        from .resume import ResumeState, fingerprint
+
+        config = {k: v for k, v in model.config.to_dict().items()
+                  if k not in ("quantization_config", "transformers_version", "_name_or_path")}
+        key = fingerprint(config, stage.to_dict(), self.stage_index, str(model.dtype), windows,
+                          model.get_input_embeddings().weight)
+        return ResumeState(Path(self.resume_dir) / f"stage{self.stage_index}", key)
+
+
+# Stage name -> runner(model, stage_config, compression_config, context). New stages register here.
 STAGE_RUNNERS: dict[str, Callable] = {
     "quantize": apply_quantize_stage,
 }
@@ -77,14 +134,21 @@ def compress(
     recipe: Recipe | dict | str | os.PathLike,
     *,
     tokenizer=None,
+    calibration_data: Any = None,
+    resume_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
     config: CompressionConfig | None = None,
 ) -> nn.Module:
     """Apply ``recipe`` to ``model`` in place and return it.
 
-    ``recipe`` is a :class:`Recipe`, a dict, a YAML path or a bundled recipe name. ``tokenizer``
-    is needed by data-driven stages. The result records its recipe and formats in
-    ``model.config.quantization_config`` so that ``save_pretrained`` and ``from_pretrained``
-    round-trip it.
+    ``recipe`` is a :class:`Recipe`, a dict, a YAML path or a bundled recipe name. Data-driven
+    stages (GPTQ) calibrate on ``calibration_data`` (a text file or folder, a dataset, or token
+    windows ``[n, seq_len]``), else on the recipe's ``calibration.data``, else on the bundled
+    text; they need ``tokenizer`` for text (loaded from the model's folder when omitted).
+    ``resume_dir`` keeps a checkpoint after every block, and a rerun with the same arguments
+    continues from it. ``device`` is where blocks are computed (default: where the model is).
+    The result records its recipe and formats in ``model.config.quantization_config`` so that
+    ``save_pretrained`` and ``from_pretrained`` round-trip it.
     """
     recipe = Recipe.load(recipe)
     _release_foreign_quantization(model)
@@ -92,8 +156,18 @@ def compress(
     config.recipe = recipe
     if config.base_model is None:
         config.base_model = base_model_id(model)
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    context = CompressionContext(
+        calibration=recipe.calibration or CalibrationConfig(),
+        calibration_data=calibration_data,
+        tokenizer=tokenizer,
+        tokenizer_source=(source, {}) if source else None,
+        resume_dir=Path(resume_dir) if resume_dir is not None else None,
+        device=torch.device(device) if device is not None else None,
+    )
     for i, stage in enumerate(recipe.stages, start=1):
         logger.info("stage %d/%d: %s", i, len(recipe.stages), stage.name)
-        STAGE_RUNNERS[stage.name](model, stage, config)
+        context.stage_index = i - 1
+        STAGE_RUNNERS[stage.name](model, stage, config, context)
     attach_config(model, config)
     return model

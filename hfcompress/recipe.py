@@ -8,8 +8,8 @@ parsing again gives an equal object (``Recipe.from_yaml(r.to_yaml()) == r``).
 ... stages:
 ...   - quantize: {method: rtn, bits: 4, group_size: 128}
 ... ''')
->>> recipe.stages[0]
-QuantizeStage(method='rtn', bits=4, group_size=128, sym=True, lm_head=False, ignore=[])
+>>> recipe.stages[0].bits, recipe.stages[0].group_size
+(4, 128)
 >>> Recipe.from_dict({"stages": [{"quantize": {"bits": 5}}]})
 Traceback (most recent call last):
 ...
@@ -32,7 +32,7 @@ import yaml
 from .errors import UserError
 
 BIT_WIDTHS = (2, 3, 4, 8)
-QUANTIZE_METHODS = ("rtn",)
+QUANTIZE_METHODS = ("rtn", "gptq")
 
 
 class RecipeError(UserError, ValueError):
@@ -129,10 +129,13 @@ class QuantizeStage(_Section):
     """``quantize``: weight-only integer quantization of the linear layers.
 
     ``lm_head: true`` also quantizes the output projection (if it is tied to the input
-    embeddings, the tie is broken: the embeddings stay in float).
+    embeddings, the tie is broken: the embeddings stay in float). The keys after ``ignore``
+    apply to ``method: gptq`` only (see ``hfcompress.quantization.gptq``).
     """
 
     name: ClassVar[str] = "quantize"
+    GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
+        "act_order", "static_groups", "damp", "block_size", "mse", "true_sequential")
 
     method: str = "rtn"
     bits: int = 4
@@ -140,6 +143,12 @@ class QuantizeStage(_Section):
     sym: bool = True
     lm_head: bool = False
     ignore: list[str] = field(default_factory=list)
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = False
+    true_sequential: bool = True
 
     def validate(self):
         if self.method not in QUANTIZE_METHODS:
@@ -150,6 +159,15 @@ class QuantizeStage(_Section):
             raise RecipeError(
                 f"group_size: {self.group_size} is not valid; use -1 (one group per row) or a positive size"
             )
+        if not 0 < self.damp < 1:
+            raise RecipeError(f"damp: {self.damp} must lie in (0, 1): a fraction of the Hessian's mean diagonal")
+        if self.block_size <= 0:
+            raise RecipeError(f"block_size: {self.block_size} must be positive")
+        if self.method != "gptq":
+            defaults = QuantizeStage.__dataclass_fields__
+            for key in self.GPTQ_KEYS:
+                if getattr(self, key) != defaults[key].default:
+                    raise RecipeError(f"{key}: applies to method gptq only, not {self.method!r}")
 
 
 # The stage vocabulary: YAML name -> config class. New stages register here.

@@ -74,6 +74,14 @@ def test_save_and_reload_llama_is_bit_identical(tmp_path, tiny_llama_dir, recipe
         assert not isinstance(reloaded.model.layers[0].mlp.down_proj, QuantLinear)
 
 
+def test_saving_twice_gives_the_same_bytes(tmp_path, tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=W4G64)
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == b and b'{"__metadata__":{"format":"pt","hfcompress_format_version":"1"}' in a[:80]
+
+
 def test_reload_with_dtype_and_device_map(tmp_path, tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=W4G64, dtype=torch.bfloat16)
     expected = logits(model, IDS)

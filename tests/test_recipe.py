@@ -18,7 +18,10 @@ def quantize(**options):
     (quantize(group_size=0), r"quantize\.group_size: 0 is not valid; use -1 \(one group per row\) or a positive"),
     (quantize(group_size=-2), r"group_size: -2 is not valid"),
     (quantize(groupsize=128), r"quantize\.groupsize: unknown key 'groupsize'; valid keys: method, bits, group_size, sym"),
-    (quantize(method="awq"), r"method: 'awq' is not a method we have; valid: rtn"),
+    (quantize(method="awq"), r"method: 'awq' is not a method we have; valid: rtn, gptq"),
+    (quantize(method="rtn", act_order=True), r"quantize\.act_order: applies to method gptq only, not 'rtn'"),
+    (quantize(method="gptq", damp=1.5), r"quantize\.damp: 1\.5 must lie in \(0, 1\)"),
+    (quantize(method="gptq", block_size=0), r"quantize\.block_size: 0 must be positive"),
     (quantize(bits="4"), r"quantize\.bits: expected an integer, got '4'"),
     (quantize(bits=4.0), r"quantize\.bits: expected an integer, got 4\.0"),
     (quantize(bits=True), r"quantize\.bits: expected an integer, got True"),
@@ -65,7 +68,9 @@ def test_defaults_fill_in_and_string_stage_names_work():
 def recipes(draw):
     stages = [
         QuantizeStage(
-            method="rtn",
+            method="gptq",
+            act_order=draw(st.booleans()),
+            damp=draw(st.floats(0.001, 0.5)),
             bits=draw(st.sampled_from([2, 3, 4, 8])),
             group_size=draw(st.one_of(st.just(-1), st.integers(1, 4096))),
             sym=draw(st.booleans()),

@@ -6,7 +6,9 @@ would be silent garbage, so a compressed checkpoint is checked against its confi
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Iterable
 
 from safetensors import SafetensorError, safe_open
@@ -57,3 +59,25 @@ def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Mod
             f"the checkpoint does not match its hfcompress quantization_config ({len(missing)} tensors missing, "
             f"{len(wrong)} with wrong shapes: {'; '.join(problems)}); it is incomplete or was edited: re-save it"
         )
+
+
+def sort_metadata_in_place(path: str | os.PathLike) -> None:
+    """Sort the ``__metadata__`` keys of a safetensors header, in place.
+
+    safetensors writes metadata from a hash map, so two saves of the same tensors can differ in
+    byte order. Sorting the keys (same JSON, same length) makes a save reproducible byte for
+    byte, which the resume guarantee and content hashes rely on. Tensor data is not touched.
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not metadata or list(metadata) == sorted(metadata):
+            return
+        header = {"__metadata__": dict(sorted(metadata.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(encoded) != len(raw.rstrip(b" ")):
+            return  # formatted differently from what we expect: leave the file as written
+        handle.seek(8)
+        handle.write(encoded + b" " * (length - len(encoded)))

@@ -7,7 +7,8 @@ save time, so the plugin wraps three methods, each of which only delegates:
   ``from_pretrained(..., quantization_config=CompressionConfig(recipe))``. A GGUF file cannot be
   combined with a second quantizer inside transformers, so there the model loads first and
   :func:`hfcompress.compress` runs after.
-- ``save_pretrained`` also writes a model card (``README.md``) for compressed models.
+- ``save_pretrained`` also writes a model card (``README.md``) for compressed models, and sorts
+  the safetensors metadata so that the same model always saves to the same bytes.
 - ``push_to_hub`` uploads what ``save_pretrained`` wrote, card included (transformers' own would
   replace the card with a blank template).
 
@@ -40,10 +41,17 @@ def _from_pretrained(original, cls, *args, compression=None, **kwargs):
     if kwargs.get("quantization_config") is not None:
         raise ValueError("pass either compression= or quantization_config=, not both")
     if kwargs.get("gguf_file"):
-        from ..pipeline import compress
+        from transformers import AutoTokenizer
 
+        from ..pipeline import compress
+        from ..recipe import Recipe
+
+        recipe = Recipe.load(compression)
         model = original(cls, *args, **kwargs)
-        return compress(model, compression)
+        tokenizer = None
+        if any(getattr(stage, "method", None) == "gptq" for stage in recipe.stages):
+            tokenizer = AutoTokenizer.from_pretrained(args[0], gguf_file=kwargs["gguf_file"])
+        return compress(model, recipe, tokenizer=tokenizer)
     kwargs["quantization_config"] = CompressionConfig(recipe=compression)
     return original(cls, *args, **kwargs)
 
@@ -51,8 +59,13 @@ def _from_pretrained(original, cls, *args, compression=None, **kwargs):
 def _save_pretrained(original, self, save_directory, *args, **kwargs):
     result = original(self, save_directory, *args, **kwargs)
     if is_compressed(self) and kwargs.get("is_main_process", True):
-        from ..card import write_model_card
+        from pathlib import Path
 
+        from ..card import write_model_card
+        from ..formats.checkpoint import sort_metadata_in_place
+
+        for path in Path(save_directory).glob("*.safetensors"):
+            sort_metadata_in_place(path)  # the same model saves to the same bytes
         write_model_card(self, save_directory)
     return result
 

@@ -39,10 +39,18 @@ def untie_output_embeddings(model: nn.Module) -> None:
         model.all_tied_weights_keys = {}
 
 
+def _quantize_rtn(model: nn.Module, stage: QuantizeStage, layers: dict[str, nn.Module], config: CompressionConfig,
+                  fmt: LinearFormat) -> None:
+    for name, module in tqdm(layers.items(), desc=f"RTN {stage.bits}-bit", unit="layer"):
+        quantized = quantize_rtn(linear_weight(module).detach(), stage.bits, stage.group_size, stage.sym,
+                                 fmt.torch_scale_dtype)
+        model.set_submodule(name, QuantLinear.from_quantized(quantized, module.bias, fmt))
+        config.modules[name] = fmt
+
+
 @torch.no_grad()
-def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: CompressionConfig) -> None:
+def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: CompressionConfig, context) -> None:
     """Quantize the model's linear layers in place, as the stage says."""
-    fmt = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym)
     if stage.lm_head and output_embedding_names(model):
         untie_output_embeddings(model)
     layers = find_linear_layers(model, stage.ignore, include_lm_head=stage.lm_head)
@@ -53,11 +61,20 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
         )
     logger.info("quantizing %d linear layers: %s, %d bits, group size %d, %s",
                 len(layers), stage.method, stage.bits, stage.group_size, "symmetric" if stage.sym else "asymmetric")
-    for name, module in tqdm(layers.items(), desc=f"{stage.method.upper()} {stage.bits}-bit", unit="layer"):
-        quantized = quantize_rtn(linear_weight(module).detach(), stage.bits, stage.group_size, stage.sym,
-                                 fmt.torch_scale_dtype)
-        model.set_submodule(name, QuantLinear.from_quantized(quantized, module.bias, fmt))
-        config.modules[name] = fmt
+    rtn_format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym)
+    if stage.method == "rtn":
+        _quantize_rtn(model, stage, layers, config, rtn_format)
+        return
+    from ..models import decoder_blocks
+    from .gptq_runner import quantize_gptq
+
+    decoder_blocks(model)  # an unsupported family fails here, before calibration data loads
+    windows = context.calibration_windows()
+    resume = context.resume_state(model, stage, windows)
+    outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device)
+    if outside:
+        logger.info("%s: outside the transformer blocks, quantized by rounding (RTN)", ", ".join(outside))
+        _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config, rtn_format)
 
 
 def rebuild_quantized_modules(model: nn.Module, config: CompressionConfig) -> None:

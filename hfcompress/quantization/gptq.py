@@ -1,0 +1,182 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, 2022): quantize a layer column by column, moving
+each column's rounding error onto the columns not yet quantized, weighted by the inverse Hessian.
+
+Notation, as in the paper and its reference code:
+
+- ``W`` ``[N, K]``: the layer's weight (rows = outputs, columns = inputs);
+- ``H = 2 X X^T`` ``[K, K]``: the Hessian of the layer's squared error ``||W X - Q X||^2`` with
+  respect to a row of ``W``, from calibration inputs ``X`` ``[K, tokens]`` (accumulated by
+  :func:`accumulate_hessian` as a running mean);
+- ``Hinv``: the upper Cholesky factor of ``H^-1``; its row ``i`` holds the update that column
+  ``i``'s error ``Err1 = (w - q) / Hinv[i, i]`` makes to the columns after it;
+- ``i1:i2``: a block of ``block_size`` columns; updates inside the block are immediate, the
+  rest of ``W`` gets them lazily once per block (the paper's "lazy batch updates").
+
+Options: dampening ``damp`` (a fraction of the mean diagonal, raised automatically when the
+Cholesky factorization fails), dead inputs (``H[i, i] = 0``: the column is zeroed), groups
+(a scale per ``group_size`` columns, the last group may be short), act-order (columns in order
+of decreasing ``H[i, i]``), static groups (group grids fixed from the original ``W`` in natural
+order, so act-order needs no ``g_idx`` at inference), and an MSE search of the clipping range.
+
+>>> import torch
+>>> torch.manual_seed(0) and None
+>>> W, X = torch.randn(8, 64), torch.randn(64, 512)
+>>> H = accumulate_hessian(torch.zeros(64, 64), X.t(), 0)[0]
+>>> result = gptq_quantize(W, H, bits=4, group_size=32, sym=True)
+>>> from hfcompress.quantization.rtn import quantize_rtn
+>>> rtn = quantize_rtn(W, 4, 32, True).dequantize()
+>>> bool(((result.weight.dequantize() - W) @ X).norm() < ((rtn - W) @ X).norm())
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .grid import QuantizedWeight, find_scale_zero, quantize, round_scale
+
+logger = logging.getLogger(__name__)
+
+
+def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """Fold inputs ``x`` ``[..., K]`` into the running mean ``H = 2/n * sum x x^T``; returns (H, n)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    new = x.shape[0]
+    H *= count / (count + new)
+    x = x * math.sqrt(2 / (count + new))
+    H.addmm_(x.t(), x)
+    return H, count + new
+
+
+def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
+                        norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`find_scale_zero`, but shrink the range while the ``norm``-error drops.
+
+    Tries ``grid`` ranges from the full one down to ``max_shrink`` of it (the GPTQ code's search).
+    """
+    w = w.float()
+    maxq = 2**bits - 1
+    best_scale, best_zero = find_scale_zero(w, bits, sym)
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        scale, zero = find_scale_zero(w * p, bits, sym)
+        q = quantize(w, scale, zero, maxq)
+        err = ((scale[:, None] * (q - zero[:, None]) - w).abs() ** norm).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    damp: float  # the dampening that was finally used
+    error: float  # relative reconstruction error tr(dW H dW^T) / tr(W H W^T)
+
+
+def _cholesky_inverse_upper(H: torch.Tensor, damp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U, damp
+        if damp >= max_damp:
+            raise RuntimeError(f"the Hessian is not positive definite even with dampening {damp}")
+        logger.warning("Cholesky factorization failed with dampening %g; retrying with %g", damp, damp * 10)
+        damp *= 10
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    mse: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+) -> GPTQResult:
+    """Quantize ``W`` ``[N, K]`` given the Hessian ``H`` ``[K, K]`` of its inputs."""
+    N, K = W.shape
+    maxq = 2**bits - 1
+    G = K if group_size == -1 else group_size
+    n_groups = math.ceil(K / G)
+    W_orig = W.float()
+    W = W_orig.clone()
+    H = H.float().clone()
+    find = find_scale_zero_mse if mse else find_scale_zero
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.zeros(n_groups, N, dtype=torch.float32, device=W.device)
+    zeros = torch.zeros(n_groups, N, dtype=torch.float32, device=W.device)
+    if static_groups:
+        # Group grids from the original weights, in natural column order.
+        for g in range(n_groups):
+            scale, zeros[g] = find(W[:, g * G : (g + 1) * G], bits, sym)
+            scales[g] = round_scale(scale, scale_dtype)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp = _cholesky_inverse_upper(H, damp)
+
+    Q = torch.zeros(N, K, dtype=torch.int32, device=W.device)  # codes, in permuted column order
+    g_idx = torch.empty(K, dtype=torch.int32, device=W.device)  # group of each permuted column
+    scale = zero = None
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i  # position in (permuted) processing order
+            if static_groups:
+                g = int(perm[col]) // G
+                scale, zero = scales[g], zeros[g]
+            elif col % G == 0:
+                g = col // G
+                # The group's current weights: the rest of this block, then columns not yet reached.
+                cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(G, K - col)]
+                scale, zeros[g] = find(cols, bits, sym)
+                scales[g] = scale = round_scale(scale, scale_dtype)
+                zero = zeros[g]
+            else:
+                g = col // G
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = quantize(w[:, None], scale, zero, maxq)[:, 0]
+            Q[:, col] = q.to(torch.int32)
+            g_idx[col] = g
+            err = (w - scale * (q - zero)) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    Q, g_idx = Q[:, invperm], g_idx[invperm]
+    weight = QuantizedWeight(Q, scales.to(scale_dtype), zeros.to(torch.int32), g_idx, bits, group_size, sym)
+    dW = weight.dequantize() - W_orig
+    H_orig = H[invperm][:, invperm]
+    H_orig[dead, dead] = 0
+    reference = torch.sum((W_orig @ H_orig) * W_orig).clamp_min(1e-30)
+    error = float(torch.sum((dW @ H_orig) * dW) / reference)
+    return GPTQResult(weight, damp, error)

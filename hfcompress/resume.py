@@ -1,0 +1,105 @@
+"""Checkpoints of a layer-by-layer run, so that an interrupted run continues where it stopped.
+
+After each finished block the runner saves the block's packed modules and the hidden states that
+feed the next block; ``state.json`` is written last (each file is written beside its final name
+and renamed), so the folder always describes a consistent point. A fingerprint of the model, the
+stage and the calibration windows guards against resuming with other arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .quantization.qlinear import LinearFormat, QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(*parts) -> str:
+    """A stable hash of JSON-able parts and tensors."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial)
+    os.replace(partial, path)
+
+
+class ResumeState:
+    """The checkpoint folder of one run (identified by ``key``)."""
+
+    def __init__(self, folder: str | os.PathLike, key: str):
+        self.folder = Path(folder)
+        self.key = key
+
+    @property
+    def _state_file(self) -> Path:
+        return self.folder / "state.json"
+
+    def done(self) -> int:
+        """How many blocks a previous run finished (0 when there is nothing to resume)."""
+        if not self._state_file.exists():
+            return 0
+        state = json.loads(self._state_file.read_text())
+        if state.get("key") != self.key:
+            raise UserError(
+                f"{self.folder} holds the state of a run with other arguments (model, recipe or calibration "
+                "data differ): delete it to start over"
+            )
+        return int(state["blocks_done"])
+
+    def restore(self, model: torch.nn.Module, hidden: torch.Tensor) -> dict[str, LinearFormat]:
+        """Put the finished blocks' packed modules into ``model`` and the saved hidden states into ``hidden``."""
+        state = json.loads(self._state_file.read_text())
+        restored = {}
+        for block in range(state["blocks_done"]):
+            tensors = load_file(self.folder / f"block_{block:04d}.safetensors")
+            for name in state["blocks"][str(block)]:
+                fmt = LinearFormat(**state["modules"][name])
+                own = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+                module = QuantLinear(state["in_features"][name], own["qweight"].shape[1], fmt, bias="bias" in own)
+                module.load_state_dict(own, strict=True, assign=True)  # keep the saved dtypes
+                model.set_submodule(name, module)
+                restored[name] = fmt
+        hidden.copy_(load_file(self.folder / state["hidden"])["hidden"])
+        logger.info("resumed from %s: %d blocks already done", self.folder, state["blocks_done"])
+        return restored
+
+    def save(self, block: int, modules: dict[str, QuantLinear], hidden: torch.Tensor) -> None:
+        """Record that ``block`` is finished, with its packed modules and the next block's inputs."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = json.loads(self._state_file.read_text()) if self._state_file.exists() else {
+            "key": self.key, "blocks_done": 0, "blocks": {}, "modules": {}, "in_features": {}, "hidden": None}
+        tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+        _atomic_save(tensors, self.folder / f"block_{block:04d}.safetensors")
+        previous_hidden = state["hidden"]
+        state["hidden"] = f"hidden_{block:04d}.safetensors"
+        _atomic_save({"hidden": hidden}, self.folder / state["hidden"])
+        state["blocks"][str(block)] = list(modules)
+        state["modules"].update({name: m.format.to_dict() for name, m in modules.items()})
+        state["in_features"].update({name: m.in_features for name, m in modules.items()})
+        state["blocks_done"] = block + 1
+        partial = self._state_file.with_name("state.json.partial")
+        partial.write_text(json.dumps(state))
+        os.replace(partial, self._state_file)  # the commit point
+        if previous_hidden:
+            (self.folder / previous_hidden).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""The layer-by-layer runner: windows, block inputs, shared Hessians, GPTQ end to end, resume."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hfcompress
+from hfcompress.calibration import calibration_windows, capture_block_inputs, input_hooks, run_block, sample_windows
+from hfcompress.errors import DataError
+from hfcompress.models import decoder_blocks
+from hfcompress.quantization.gptq_runner import InputTracker
+
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=96, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=300, word_embed_proj_dim=96, max_position_embeddings=256,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=1)).eval()
+
+
+WINDOWS = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def gptq(**options):
+    return {"stages": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 64, **options}}]}
+
+
+def test_windows_are_reproducible_and_checked():
+    ids = torch.arange(5000)
+    a, b = sample_windows(ids, 8, 64, seed=3), sample_windows(ids, 8, 64, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, sample_windows(ids, 8, 64, seed=4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 63, dtype=a.dtype))  # contiguous spans
+    assert torch.equal(calibration_windows(None, a, 4, 64, 0), a)  # ready windows are used whole
+    with pytest.raises(DataError, match="fewer than one window"):
+        sample_windows(torch.arange(10), 1, 64, 0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_opt, tiny_bert])
+def test_block_inputs_reproduce_the_full_forward(make):
+    model = make()
+    blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], WINDOWS, torch.device("cpu"))
+    assert inputs.hidden.shape[:2] == WINDOWS.shape
+    for block in blocks:
+        run_block(block, inputs, torch.device("cpu"), update=True)
+    with torch.no_grad():
+        out = model(input_ids=WINDOWS, output_hidden_states=True)
+    last = out.hidden_states[-1]
+    final_norm = {"llama": lambda m: m.model.norm, "gpt2": lambda m: m.transformer.ln_f,
+                  "opt": lambda m: m.model.decoder.final_layer_norm, "bert": lambda m: torch.nn.Identity()}
+    # transformers reports the last hidden state after the final norm (BERT has none).
+    expected = final_norm[model.config.model_type](model)(inputs.hidden)
+    assert torch.allclose(expected, last, atol=1e-5)
+
+
+def test_unsupported_families_name_the_supported_ones():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, vocab_size=100))
+    with pytest.raises(ValueError, match="model type 'gpt_neox'.*supported: bert, gpt2, llama, mistral, opt, qwen2"):
+        hfcompress.compress(model, gptq(), calibration_data=WINDOWS)
+
+
+def test_linears_reading_one_input_share_a_hessian():
+    model = tiny_llama()
+    block = decoder_blocks(model)[0]
+    inputs = capture_block_inputs(model, block, WINDOWS, torch.device("cpu"))
+    targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    tracker = InputTracker()
+    with input_hooks(targets, tracker):
+        run_block(block, inputs, torch.device("cpu"))
+    assert tracker.order == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert tracker.groups["self_attn.q_proj"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert tracker.groups["mlp.gate_proj"] == ["mlp.gate_proj", "mlp.up_proj"]
+    assert tracker.counts["mlp.down_proj"] == WINDOWS.numel()
+    assert set(tracker.hessians) == set(tracker.order)
+
+
+@pytest.mark.parametrize("options", [{}, {"true_sequential": False}, {"act_order": True},
+                                     {"act_order": True, "static_groups": True}, {"mse": True, "sym": False}])
+def test_gptq_end_to_end_on_a_tiny_llama(tmp_path, tiny_llama_dir, options):
+    windows = torch.randint(2, 300, (8, 64), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    hfcompress.compress(model, gptq(**options), calibration_data=windows)
+    layer = model.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, hfcompress.QuantLinear)
+    assert (layer.g_idx is not None) == (options.get("act_order", False) and not options.get("static_groups", False))
+    ids = windows[:2]
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits, expected)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt, tiny_bert])
+def test_gptq_on_other_families(make):
+    model = make()
+    hfcompress.compress(model, gptq(), calibration_data=WINDOWS)
+    quantized = [m for m in model.modules() if isinstance(m, hfcompress.QuantLinear)]
+    assert len(quantized) >= 8
+
+
+def test_gptq_through_from_pretrained_with_the_model_tokenizer(tiny_llama_dir, tmp_path):
+    text = tmp_path / "cal.txt"
+    text.write_text("A calibration sentence about the weather in Bath. " * 400)
+    recipe = {"calibration": {"data": str(text), "samples": 4, "seq_len": 64}, **gptq()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=recipe)
+    assert isinstance(model.model.layers[0].mlp.down_proj, hfcompress.QuantLinear)
+    assert model.config.quantization_config.recipe.calibration.samples == 4
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_llama_dir, monkeypatch):
+    from hfcompress.quantization import gptq_runner
+
+    windows = torch.randint(2, 300, (4, 64), generator=torch.Generator().manual_seed(2))
+    whole = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    hfcompress.compress(whole, gptq(), calibration_data=windows)
+    whole.save_pretrained(tmp_path / "whole")
+
+    calls = {"n": 0}
+    original = gptq_runner.GPTQBlockQuantizer.quantize_block
+
+    def crash_in_second_block(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived during layer 2
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gptq_runner.GPTQBlockQuantizer, "quantize_block", crash_in_second_block)
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        hfcompress.compress(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), gptq(), calibration_data=windows,
+                            resume_dir=state)
+    monkeypatch.setattr(gptq_runner.GPTQBlockQuantizer, "quantize_block", original)
+    calls["n"] = 0
+    resumed = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    hfcompress.compress(resumed, gptq(), calibration_data=windows, resume_dir=state)
+    resumed.save_pretrained(tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
+
+    with pytest.raises(hfcompress.errors.UserError, match="other arguments"):
+        hfcompress.compress(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), gptq(bits=3),
+                            calibration_data=windows, resume_dir=state)

@@ -1,0 +1,125 @@
+"""GPTQ maths on tiny tensors: closed forms, a brute-force optimum, dead inputs, groups, orders."""
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+from hfcompress.quantization.grid import find_scale_zero, quantize
+from hfcompress.quantization.gptq import accumulate_hessian, find_scale_zero_mse, gptq_quantize
+from hfcompress.quantization.rtn import quantize_rtn
+
+
+def hessian(X):
+    return accumulate_hessian(torch.zeros(X.shape[1], X.shape[1]), X, 0)[0]
+
+
+def quad_error(W, Q, H):
+    d = Q - W
+    return float(torch.sum((d @ H) * d))
+
+
+def test_running_hessian_equals_the_batch_formula():
+    X = torch.randn(100, 8, dtype=torch.float64).float()
+    H, n = torch.zeros(8, 8), 0
+    for chunk in X.split(17):
+        H, n = accumulate_hessian(H, chunk, n)
+    assert n == 100
+    assert torch.allclose(H, 2 / 100 * X.t() @ X, atol=1e-5)
+
+
+def test_two_columns_follow_the_closed_form_update():
+    torch.manual_seed(0)
+    W, X = torch.randn(6, 2), torch.randn(50, 2) @ torch.tensor([[1.0, 0.8], [0.0, 0.6]])
+    H = hessian(X)
+    damp = 1e-6
+    result = gptq_quantize(W, H, bits=3, group_size=-1, sym=False, damp=damp, static_groups=True)
+    scale, zero = find_scale_zero(W, 3, sym=False)
+    scale = result.weight.scales[0].float()
+    Hd = H + damp * torch.diag(H).mean() * torch.eye(2)
+    q0 = quantize(W[:, :1], scale, zero, 7)[:, 0]
+    w1 = W[:, 1] + Hd[1, 0] * (W[:, 0] - scale * (q0 - zero)) / Hd[1, 1]  # least squares given column 0
+    q1 = quantize(w1[:, None], scale, zero, 7)[:, 0]
+    assert torch.equal(result.weight.q[:, 0], q0.int()) and torch.equal(result.weight.q[:, 1], q1.int())
+
+
+def test_close_to_the_brute_force_optimum_and_better_than_rounding():
+    gptq_ratio, rtn_ratio = [], []
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(1, 5, generator=g)
+        X = torch.randn(40, 5, generator=g) @ torch.randn(5, 5, generator=g)  # correlated inputs
+        H = hessian(X)
+        result = gptq_quantize(W, H, bits=2, group_size=-1, sym=False, damp=1e-6, static_groups=True)
+        scale, zero = result.weight.scales[0].float(), result.weight.zeros[0].float()
+        levels = scale * (torch.arange(4.0) - zero)
+        best = min(quad_error(W, torch.tensor([codes]), H)
+                   for codes in itertools.product(levels.tolist(), repeat=5))
+        rtn = scale * (quantize(W, scale, zero, 3) - zero)
+        gptq_ratio.append(quad_error(W, result.weight.dequantize(), H) / best)
+        rtn_ratio.append(quad_error(W, rtn, H) / best)
+    assert min(gptq_ratio) >= 1 - 1e-4  # nothing beats the exhaustive optimum
+    # GPTQ is greedy: usually at or near the optimum, far closer than rounding.
+    assert sorted(gptq_ratio)[6] < 1.3 < sorted(rtn_ratio)[6]
+    assert sum(g <= r + 1e-6 for g, r in zip(gptq_ratio, rtn_ratio)) >= 8
+
+
+def test_reported_error_is_the_relative_output_error():
+    torch.manual_seed(1)
+    W, X = torch.randn(16, 32), torch.randn(200, 32)
+    result = gptq_quantize(W, hessian(X), bits=4, group_size=16, sym=True)
+    dW = result.weight.dequantize() - W
+    expected = float((X @ dW.t()).pow(2).sum() / (X @ W.t()).pow(2).sum())
+    assert result.error == pytest.approx(expected, rel=1e-3)
+
+
+def test_dead_inputs_are_zeroed():
+    torch.manual_seed(2)
+    W, X = torch.randn(4, 8), torch.randn(30, 8)
+    X[:, 3] = 0
+    result = gptq_quantize(W, hessian(X), bits=4, group_size=-1, sym=True)
+    assert torch.equal(result.weight.dequantize()[:, 3], torch.zeros(4))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_act_order_groups_and_ragged_last_group(static):
+    torch.manual_seed(3)
+    W, X = torch.randn(8, 100), torch.randn(300, 100) * torch.linspace(0.1, 3, 100)
+    result = gptq_quantize(W, hessian(X), bits=4, group_size=32, sym=False, act_order=True, static_groups=static)
+    qw = result.weight
+    assert qw.scales.shape == (4, 8)  # 32 + 32 + 32 + a short group of 4
+    counts = torch.bincount(qw.g_idx.long(), minlength=4).tolist()
+    assert counts == [32, 32, 32, 4]
+    natural = torch.arange(100) // 32
+    assert torch.equal(qw.g_idx.long(), natural) == static  # static groups keep natural order
+    assert result.error < 0.05
+
+
+def test_failed_cholesky_raises_the_dampening(caplog):
+    v = torch.randn(6)
+    H = torch.outer(v, v)
+    H -= 0.02 * torch.diag(H).mean() * torch.eye(6)  # rank one, pushed slightly indefinite by round-off
+    with caplog.at_level(logging.WARNING):
+        result = gptq_quantize(torch.randn(3, 6), H, bits=4, group_size=-1, sym=True, damp=0.01)
+    assert result.damp > 0.01 and "Cholesky" in caplog.text
+
+
+def test_mse_clipping_search_lowers_weight_error():
+    torch.manual_seed(4)
+    w = torch.randn(64, 128)
+    w[:, 0] *= 8  # an outlier per row makes the full range wasteful
+    full = find_scale_zero(w, 4, sym=True)
+    searched = find_scale_zero_mse(w, 4, sym=True)
+    err = lambda sz: (sz[0][:, None] * (quantize(w, *sz, 15) - sz[1][:, None]) - w).abs().pow(2.4).sum()  # noqa: E731
+    assert err(searched) < err(full)
+    assert bool((searched[0] <= full[0] + 1e-7).all())  # only ever shrinks the range
+
+
+def test_better_than_rtn_on_correlated_inputs():
+    torch.manual_seed(5)
+    W = torch.randn(64, 128)
+    X = torch.randn(1000, 16) @ torch.randn(16, 128) + 0.1 * torch.randn(1000, 128)
+    result = gptq_quantize(W, hessian(X), bits=3, group_size=64, sym=True)
+    rtn = quantize_rtn(W, 3, 64, True).dequantize()
+    assert quad_error(W, result.weight.dequantize(), hessian(X)) < 0.5 * quad_error(W, rtn, hessian(X))
