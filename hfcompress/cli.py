@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"recipe YAML file or bundled recipe name (default: {DEFAULT_RECIPE})")
     comp.add_argument("--output", help="output folder (default: <model>-<recipe> in the current folder)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    comp.add_argument("--calibration-data", help="calibration text for GPTQ (file, folder or dataset name); "
+                                                 "overrides the recipe's calibration.data")
+    comp.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run from its last finished layer (state in OUTPUT.resume)")
+    comp.add_argument("--device", help="where blocks are computed during calibration, e.g. cuda (default: cpu)")
     _add_model_args(comp, "bfloat16")
     _add_eval_args(comp, "measure perplexity on this text before and after (default for the bundled model: "
                          "the bundled evaluation text; otherwise no evaluation)")
@@ -118,6 +124,11 @@ def run_compress(args) -> int:
     recipe = Recipe.load(args.recipe)  # validate before the slow steps
     output = Path(args.output) if args.output else _default_output(args.model, args.recipe)
     check_output(output, args.overwrite)
+    resume_dir = Path(f"{output}.resume")
+    if resume_dir.exists() and not args.resume:
+        raise UserError(f"{resume_dir} holds an interrupted run: pass --resume to continue it, or delete it to start over")
+    if args.calibration_data:
+        check_text_source(args.calibration_data)
     data = None if args.no_eval else _eval_data(args, args.model is not None)
     check_text_source(data)
     model, tokenizer, source = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -125,7 +136,8 @@ def run_compress(args) -> int:
         raise UserError("perplexity needs a tokenizer and none was found with the model: pass --no-eval")
     size_before = _float_bytes(model)
     before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
-    compress(model, recipe, tokenizer=tokenizer)
+    compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
+             device=args.device)
     config = model.config.quantization_config
     if config.base_model is None:
         config.base_model = source.hub_id
@@ -134,6 +146,7 @@ def run_compress(args) -> int:
         config.metrics["perplexity"] = {**after.to_dict(), "data": str(data)}
         config.metrics["perplexity_before_compression"] = before.perplexity
     save_compressed(model, output, tokenizer, overwrite=args.overwrite)
+    shutil.rmtree(resume_dir, ignore_errors=True)
     summary = summarize_folder(output)
     print(f"size:       {format_bytes(size_before)} ({args.dtype}) -> {format_bytes(summary['tensor_bytes'])} "
           f"({summary['bits_per_weight']:.2f} bits per weight)")
