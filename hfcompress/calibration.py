@@ -17,7 +17,9 @@ torch.Size([4, 16])
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,8 +46,16 @@ def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> 
 def calibration_windows(tokenizer, data, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Token windows ``[samples, seq_len]`` from text (file, folder, dataset) or ready token ids.
 
-    A 2-D tensor is taken as windows already cut, and used whole.
+    A 2-D tensor, or a ``.safetensors`` file holding one named ``input_ids``, is taken as windows
+    already cut, and used whole.
     """
+    if isinstance(data, (str, os.PathLike)) and str(data).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(data)
+        if "input_ids" not in tensors or tensors["input_ids"].dim() != 2:
+            raise DataError(f"{data}: expected a tensor named input_ids of shape [windows, seq_len]")
+        data = tensors["input_ids"]
     if isinstance(data, torch.Tensor) and data.dim() == 2:
         return data.long()
     return sample_windows(tokenize(tokenizer, data), samples, seq_len, seed)
@@ -61,6 +71,11 @@ class BlockInputs:
 
     hidden: torch.Tensor  # [windows, seq_len, hidden], on the offload device
     kwargs: dict = field(default_factory=dict)
+
+
+def compute_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` for calibration forwards (``None``: the model's own precision)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -96,15 +111,18 @@ def _block_output(output):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, update: bool = False) -> None:
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, update: bool = False,
+              dtype: torch.dtype | None = None) -> None:
     """Run every window through ``block``; with ``update``, write its outputs over the inputs.
 
     A forward may end early (a hook raising :class:`_StopForward` once it has what it needs).
+    ``dtype`` runs the block under autocast (hidden states stay in their own dtype).
     """
     kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
     for i in range(inputs.hidden.shape[0]):
         try:
-            out = _block_output(block(inputs.hidden[i : i + 1].to(device), **kwargs))
+            with compute_context(device, dtype):
+                out = _block_output(block(inputs.hidden[i : i + 1].to(device), **kwargs))
         except _StopForward:
             continue
         if update:

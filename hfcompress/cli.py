@@ -2,6 +2,7 @@
 
     hfcompress compress [MODEL] --recipe R --output DIR     compress (default: bundled SmolLM2-135M)
     hfcompress eval MODEL --data D                          perplexity: JSON, or a table on a terminal
+    hfcompress export DIR --format gptq|compressed-tensors --output OUT   for vLLM, TGI, SGLang
     hfcompress inspect DIR                                  methods, bits per weight, sizes per module type
 
 User errors (bad recipe, missing file, existing output ...) print one line and exit 2; failures
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"recipe YAML file or bundled recipe name (default: {DEFAULT_RECIPE})")
     comp.add_argument("--output", help="output folder (default: <model>-<recipe> in the current folder)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    comp.add_argument("--calibration-data", help="calibration text for GPTQ (file, folder or dataset name); "
+    comp.add_argument("--calibration-data", help="calibration data for GPTQ: a text file, a folder, a dataset name, "
+                                                 "or a .safetensors file of token windows (input_ids [n, seq_len]); "
                                                  "overrides the recipe's calibration.data")
     comp.add_argument("--resume", action="store_true",
                       help="continue an interrupted run from its last finished layer (state in OUTPUT.resume)")
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev, "auto")
     _add_eval_args(ev, "text file, folder of .txt files, dataset name (or wikitext2); default: bundled text")
     ev.add_argument("--json", dest="json_file", help="also write the result as JSON to this file")
+
+    exp = sub.add_parser("export", help="convert a saved hfcompress folder for serving engines",
+                         description="Export DIR to the GPTQ v1 or compressed-tensors (pack-quantized) format.")
+    exp.add_argument("folder", help="a folder saved by hfcompress")
+    exp.add_argument("--format", required=True, choices=("gptq", "compressed-tensors"), help="target format")
+    exp.add_argument("--output", required=True, help="output folder")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
     ins = sub.add_parser("inspect", help="what was done to a saved model, its sizes and bits per weight")
     ins.add_argument("folder", help="a saved model folder")
@@ -179,6 +188,14 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    from .formats.export import export_model
+
+    out = export_model(args.folder, args.format, args.output, overwrite=args.overwrite)
+    print(f"exported {args.folder} to {out} ({args.format})")
+    return 0
+
+
 def run_inspect(args) -> int:
     from .report import format_summary, summarize_folder
 
@@ -187,7 +204,7 @@ def run_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": run_compress, "eval": run_eval, "inspect": run_inspect}
+COMMANDS = {"compress": run_compress, "eval": run_eval, "export": run_export, "inspect": run_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

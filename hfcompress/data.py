@@ -49,7 +49,7 @@ def _pick_split(dataset: Any, split: str) -> Any:
     return dataset
 
 
-_PATH_SUFFIXES = (".txt", ".raw", ".text", ".md", ".json", ".jsonl", ".csv", ".parquet")
+_PATH_SUFFIXES = (".txt", ".raw", ".text", ".md", ".json", ".jsonl", ".csv", ".parquet", ".safetensors")
 
 
 def check_text_source(data: Any) -> None:

@@ -117,11 +117,16 @@ class CalibrationConfig(_Section):
     samples: int = 128
     seq_len: int = 2048
     seed: int = 0
+    dtype: str | None = None  # compute dtype of calibration forwards and Hessians (None: the model's)
+
+    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
 
     def validate(self):
         for key in ("samples", "seq_len"):
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key}: {getattr(self, key)} must be positive")
+        if self.dtype is not None and self.dtype not in self.DTYPES:
+            raise RecipeError(f"dtype: {self.dtype!r} is not a compute dtype; valid: {', '.join(self.DTYPES)}")
 
 
 @dataclass
@@ -135,7 +140,7 @@ class QuantizeStage(_Section):
 
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
-        "act_order", "static_groups", "damp", "block_size", "mse", "true_sequential")
+        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential")
 
     method: str = "rtn"
     bits: int = 4
@@ -146,6 +151,7 @@ class QuantizeStage(_Section):
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
+    shrink: float = 0.5
     block_size: int = 128
     mse: bool = False
     true_sequential: bool = True
@@ -161,6 +167,8 @@ class QuantizeStage(_Section):
             )
         if not 0 < self.damp < 1:
             raise RecipeError(f"damp: {self.damp} must lie in (0, 1): a fraction of the Hessian's mean diagonal")
+        if not 0 <= self.shrink <= 1:
+            raise RecipeError(f"shrink: {self.shrink} must lie in [0, 1] (0: the paper's GPTQ, 1: rounding)")
         if self.block_size <= 0:
             raise RecipeError(f"block_size: {self.block_size} must be positive")
         if self.method != "gptq":

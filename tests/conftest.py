@@ -38,9 +38,10 @@ def tiny_llama(tie: bool = True, **overrides):
 
     torch.manual_seed(0)
     # hidden 96 with group size 64 gives a ragged last group; 6 query heads share 2 key/value heads.
-    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
-                         tie_word_embeddings=tie, eos_token_id=0, bos_token_id=0, pad_token_id=0, **overrides)
+    options = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                   num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
+                   tie_word_embeddings=tie, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(**{**options, **overrides})
     return LlamaForCausalLM(config).eval()
 
 

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 class InputTracker:
     """Accumulates one Hessian per distinct input tensor and learns which layers share it."""
 
-    def __init__(self, accumulate: set[str] | None = None):
+    def __init__(self, accumulate: set[str] | None = None, compute_dtype: torch.dtype | None = None):
         self.accumulate = accumulate  # leaders to accumulate for (None: all)
+        self.compute_dtype = compute_dtype
         self.order: list[str] = []  # group leaders, in the order the forward pass reaches them
         self.groups: dict[str, list[str]] = {}
         self.hessians: dict[str, torch.Tensor] = {}
@@ -56,7 +57,8 @@ class InputTracker:
             H = self.hessians.get(name)
             if H is None:
                 H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-            self.hessians[name], self.counts[name] = accumulate_hessian(H, x, self.counts.get(name, 0))
+            self.hessians[name], self.counts[name] = accumulate_hessian(H, x, self.counts.get(name, 0),
+                                                                        self.compute_dtype)
 
     def release(self) -> None:
         self._last = None
@@ -71,9 +73,10 @@ def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 class GPTQBlockQuantizer:
     """Quantizes the targeted linear layers of one block at a time."""
 
-    def __init__(self, stage: QuantizeStage, device: torch.device):
+    def __init__(self, stage: QuantizeStage, device: torch.device, compute_dtype: torch.dtype | None = None):
         self.stage = stage
         self.device = device
+        self.compute_dtype = compute_dtype
         self.format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
                                    act_order=stage.act_order and not stage.static_groups)
 
@@ -81,7 +84,7 @@ class GPTQBlockQuantizer:
         s = self.stage
         W = linear_weight(module).detach().float()
         result = gptq_quantize(W, H.to(W.device), s.bits, s.group_size, s.sym, damp=s.damp, block_size=s.block_size,
-                               act_order=s.act_order, static_groups=s.static_groups, mse=s.mse,
+                               act_order=s.act_order, static_groups=s.static_groups, mse=s.mse, shrink=s.shrink,
                                scale_dtype=self.format.torch_scale_dtype)
         _set_weight(module, result.weight.dequantize())
         return result
@@ -92,19 +95,19 @@ class GPTQBlockQuantizer:
         if self.stage.true_sequential:
             discovery = InputTracker(accumulate=set())
             with input_hooks(targets, discovery):
-                run_block(block, BlockInputs(inputs.hidden[:1], inputs.kwargs), self.device)
+                run_block(block, BlockInputs(inputs.hidden[:1], inputs.kwargs), self.device, dtype=self.compute_dtype)
             for leader in discovery.order:
                 group = discovery.groups[leader]
-                tracker = InputTracker(accumulate={leader})
+                tracker = InputTracker(accumulate={leader}, compute_dtype=self.compute_dtype)
                 with input_hooks(targets, tracker, stop_after=group[-1]):
-                    run_block(block, inputs, self.device)
+                    run_block(block, inputs, self.device, dtype=self.compute_dtype)
                 tracker.release()
                 for name in group:
                     results[name] = self._quantize(targets[name], tracker.hessians[leader])
         else:
-            tracker = InputTracker()
+            tracker = InputTracker(compute_dtype=self.compute_dtype)
             with input_hooks(targets, tracker):
-                run_block(block, inputs, self.device)
+                run_block(block, inputs, self.device, dtype=self.compute_dtype)
             tracker.release()
             for leader in tracker.order:
                 for name in tracker.groups[leader]:
@@ -131,6 +134,7 @@ def quantize_gptq(
     record: Callable[[str, LinearFormat], None],
     resume: ResumeState | None = None,
     device: torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """GPTQ the ``targets`` inside the model's blocks; returns the names left for the caller.
 
@@ -155,7 +159,7 @@ def quantize_gptq(
     if start:
         for name, fmt in resume.restore(model, inputs.hidden).items():
             record(name, fmt)
-    quantizer = GPTQBlockQuantizer(stage, device)
+    quantizer = GPTQBlockQuantizer(stage, device, compute_dtype)
     progress = tqdm(range(start, len(blocks)), desc=f"GPTQ {stage.bits}-bit", unit="layer", initial=start,
                     total=len(blocks))
     for b in progress:
@@ -163,7 +167,8 @@ def quantize_gptq(
         prefix = block_names[b] + "."
         targets_here = {name.removeprefix(prefix): module for name, module in per_block.get(b, {}).items()}
         results = quantizer.quantize_block(block, targets_here, inputs) if targets_here else {}
-        run_block(block, inputs, device, update=True)  # the next block sees this block's quantized outputs
+        # The next block sees this block's quantized outputs.
+        run_block(block, inputs, device, update=True, dtype=compute_dtype)
         packed = {}
         for short, result in results.items():
             module = targets_here[short]

@@ -71,7 +71,8 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
     decoder_blocks(model)  # an unsupported family fails here, before calibration data loads
     windows = context.calibration_windows()
     resume = context.resume_state(model, stage, windows)
-    outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device)
+    dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
+    outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device, dtype)
     if outside:
         logger.info("%s: outside the transformer blocks, quantized by rounding (RTN)", ", ".join(outside))
         _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config, rtn_format)

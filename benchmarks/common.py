@@ -1,0 +1,68 @@
+"""Shared helpers for the side-by-side benchmarks: measured subprocesses, the shared checkpoint,
+calibration windows, and evaluation with hfcompress's own perplexity code for every model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_HOME = Path(os.environ.get("HFCOMPRESS_BENCH_HOME", Path.home() / ".cache" / "hfcompress-bench"))
+
+
+def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``cmd``; return wall seconds and the peak resident memory of that process (wait4)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed with exit code {code}; see {log}")
+    return {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def prepare_checkpoint(work: Path) -> tuple[Path, object]:
+    """The bundled SmolLM2 as a float32 safetensors folder (what every tool loads), and its tokenizer."""
+    import torch
+
+    from hfcompress.io import load_model
+
+    folder = work / "smollm2-float32"
+    model, tokenizer, _ = load_model(None, dtype=torch.float32)
+    if not (folder / "model.safetensors").exists():
+        model.hf_quantizer.remove_quantization_config(model)  # GGUF dequantized to float on load
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+def save_windows(tokenizer, data: Path, samples: int, seq_len: int, seed: int, path: Path):
+    from safetensors.torch import save_file
+
+    from hfcompress.calibration import calibration_windows
+
+    windows = calibration_windows(tokenizer, data, samples, seq_len, seed)
+    save_file({"input_ids": windows.contiguous()}, path)
+    return windows
+
+
+def python() -> str:
+    return sys.executable
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,221 @@
+"""Exports of a saved hfcompress folder to the formats serving engines read.
+
+Each format is a small class in the ``EXPORTERS`` table that declares what it can express,
+refuses with a clear message what it cannot, and maps our tensors to its own:
+
+- ``gptq``: GPTQ v1 checkpoints (``quant_method: "gptq"``, ``checkpoint_format: "gptq"``),
+  read by transformers + GPTQModel, vLLM, TGI and SGLang. Same packing as ours, but ``qzeros``
+  hold the zero point minus one, and ``g_idx`` is always present.
+- ``compressed-tensors``: ``pack-quantized`` (``quant_method: "compressed-tensors"``), read by
+  transformers (with the ``compressed-tensors`` package) and vLLM. Tensors are per output row:
+  ``weight_packed`` ``[N, ceil(K*bits/32)]`` holds the codes as signed values offset by
+  ``2**(bits-1)``, which is exactly our unsigned code, so it is our ``qweight`` transposed.
+
+The export reads only ``config.json`` and the safetensors files (no model code runs) and writes
+to a temporary folder renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, OutputExistsError, UserError
+from ..quantization.grid import group_index
+from ..quantization.pack import pack_columns, unpack_columns
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(UserError):
+    """The model uses something the target format cannot express."""
+
+
+def _groups(qconfig: dict) -> list[dict]:
+    groups = qconfig.get("quantized", [])
+    if not groups:
+        raise ExportError("the model has no quantized layers to export")
+    return groups
+
+
+def _single_format(qconfig: dict, target: str) -> dict:
+    formats = {json.dumps({k: v for k, v in g.items() if k != "modules"}, sort_keys=True) for g in _groups(qconfig)}
+    if len(formats) > 1:
+        raise ExportError(f"{target} holds one quantization format per model; this one mixes {len(formats)}")
+    return {k: v for k, v in _groups(qconfig)[0].items() if k != "modules"}
+
+
+def _in_features(tensors: dict, name: str, fmt: dict) -> int:
+    if f"{name}.g_idx" in tensors:
+        return tensors[f"{name}.g_idx"].numel()
+    rows = tensors[f"{name}.qweight"].shape[0]
+    return rows * 32 // fmt["bits"]  # exact whenever K * bits is a multiple of 32 (checked by exporters)
+
+
+class GPTQv1Exporter:
+    """GPTQ v1: ``qweight``/``scales`` as ours, ``qzeros`` minus one, ``g_idx`` always."""
+
+    name = "gptq"
+
+    def convert(self, tensors: dict, config: dict) -> tuple[dict, dict]:
+        qconfig = config["quantization_config"]
+        fmt = _single_format(qconfig, "GPTQ v1")
+        bits, group_size = fmt["bits"], fmt["group_size"]
+        if fmt["scale_dtype"] != "float16":
+            raise ExportError(f"GPTQ v1 stores float16 scales; this model's are {fmt['scale_dtype']}")
+        out = dict(tensors)
+        modules = [name for g in _groups(qconfig) for name in g["modules"]]
+        for name in modules:
+            qweight = tensors[f"{name}.qweight"]
+            n = qweight.shape[1]
+            k = _in_features(tensors, name, fmt)
+            if (k * bits) % 32 or (n * bits) % 32:
+                raise ExportError(f"{name}: GPTQ v1 packs whole int32 words; {k}x{n} at {bits} bits does not fill them")
+            if group_size != -1 and k % group_size:
+                raise ExportError(
+                    f"{name}: in_features {k} is not a multiple of group_size {group_size} (a short last group); "
+                    "GPTQ v1 readers expect in_features // group_size groups: export to compressed-tensors, "
+                    "or quantize with a group size that divides every layer (e.g. 64 for SmolLM2)"
+                )
+            zeros = unpack_columns(tensors[f"{name}.qzeros"], bits, n)
+            if int(zeros.min()) < 1:
+                raise ExportError(
+                    f"{name}: a zero point of 0 cannot be stored in GPTQ v1 (it stores zero minus one); "
+                    "export an asymmetric model to compressed-tensors instead"
+                )
+            out[f"{name}.qzeros"] = pack_columns(zeros - 1, bits)
+            if f"{name}.g_idx" not in tensors:
+                out[f"{name}.g_idx"] = group_index(k, group_size if group_size != -1 else k)
+            if f"{name}.bias" in tensors:
+                out[f"{name}.bias"] = tensors[f"{name}.bias"].to(torch.float16)
+        gptq_config = {
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": bool(fmt.get("act_order", False)),
+            "sym": bool(fmt["sym"]),
+            "lm_head": any(name.endswith("lm_head") for name in modules),
+            "true_sequential": True,
+            "damp_percent": 0.01,
+            "static_groups": False,
+            "meta": {"quantizer": ["hfcompress"]},
+        }
+        return out, gptq_config
+
+
+class CompressedTensorsExporter:
+    """compressed-tensors ``pack-quantized``: our packed tensors, transposed, with signed offsets."""
+
+    name = "compressed-tensors"
+
+    def convert(self, tensors: dict, config: dict) -> tuple[dict, dict]:
+        qconfig = config["quantization_config"]
+        fmt = _single_format(qconfig, "compressed-tensors (one config group)")
+        bits, group_size, sym = fmt["bits"], fmt["group_size"], fmt["sym"]
+        if fmt.get("act_order"):
+            raise ExportError(
+                "this model stores act-order group indices (g_idx), which compressed-tensors no longer reads "
+                "(actorder 'group' was removed): quantize with act_order: true and static_groups: true, "
+                "which keeps groups in natural order, or export to gptq"
+            )
+        modules = [name for g in _groups(qconfig) for name in g["modules"]]
+        scale_dtype = getattr(torch, config.get("dtype") or "float32")
+        out = {k: v for k, v in tensors.items()
+               if not any(k.startswith(f"{name}.") for name in modules)}
+        for name in modules:
+            qweight = tensors[f"{name}.qweight"]
+            n = qweight.shape[1]
+            k = _in_features(tensors, name, fmt)
+            if group_size != -1 and k % group_size:
+                raise ExportError(
+                    f"{name}: in_features {k} is not a multiple of group_size {group_size} (a short last group); "
+                    "compressed-tensors computes in_features as groups x group_size and cannot hold it: "
+                    "quantize with a group size that divides every layer (e.g. 64 for SmolLM2)"
+                )
+            out[f"{name}.weight_packed"] = qweight.t().contiguous()
+            out[f"{name}.weight_scale"] = tensors[f"{name}.scales"].to(scale_dtype).t().contiguous()
+            out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+            if not sym:
+                # [G, ceil(N*b/32)] packed along N -> [ceil(N*b/32), G], same offset convention.
+                out[f"{name}.weight_zero_point"] = tensors[f"{name}.qzeros"].t().contiguous()
+            if f"{name}.bias" in tensors:
+                out[f"{name}.bias"] = tensors[f"{name}.bias"]
+        weights = {
+            "num_bits": bits,
+            "type": "int",
+            "symmetric": bool(sym),
+            "strategy": "channel" if group_size == -1 else "group",
+            "group_size": None if group_size == -1 else group_size,
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+            "observer_kwargs": {},
+            "block_structure": None,
+        }
+        ct_config = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            # Targets by exact module name, so that linears we left in float (lm_head, ignored
+            # layers) stay out without listing them.
+            "config_groups": {"group_0": {"targets": [f"re:^{re.escape(m)}$" for m in modules], "weights": weights,
+                                          "input_activations": None, "output_activations": None,
+                                          "format": "pack-quantized"}},
+            "ignore": [],
+            "kv_cache_scheme": None,
+            "sparsity_config": {},
+            "transform_config": {},
+            "global_compression_ratio": None,
+        }
+        return out, ct_config
+
+
+EXPORTERS = {cls.name: cls for cls in (GPTQv1Exporter, CompressedTensorsExporter)}
+
+
+def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Export the hfcompress folder ``folder`` to ``fmt`` in ``output`` (atomically)."""
+    if fmt not in EXPORTERS:
+        raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORTERS)}")
+    folder, output = Path(folder), Path(output)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; not a saved model folder")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if (config.get("quantization_config") or {}).get("quant_method") != "hfcompress":
+        raise ExportError(f"{folder} was not saved by hfcompress (no quant_method 'hfcompress' in config.json)")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite to replace it")
+    files = sorted(folder.glob("*.safetensors"))
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    tensors, quantization_config = EXPORTERS[fmt]().convert(tensors, config)
+    config["quantization_config"] = quantization_config
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        for item in folder.iterdir():  # tokenizer, generation config, chat template, card ...
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json",):
+                shutil.copy2(item, staging / item.name)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "model.safetensors",
+                  metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        staging.chmod(0o755)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported %s to %s (%s)", folder, output, fmt)
+    return output
