@@ -29,7 +29,10 @@ def fingerprint(*parts) -> str:
     digest = hashlib.sha256()
     for part in parts:
         if isinstance(part, torch.Tensor):
-            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+            # numpy has no bfloat16: hash the raw bytes, with dtype and shape so views differ.
+            raw = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(f"{part.dtype}{tuple(part.shape)}".encode())
+            digest.update(raw.numpy().tobytes())
         else:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()

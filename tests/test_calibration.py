@@ -146,3 +146,31 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_llama_dir, mon
     with pytest.raises(hfcompress.errors.UserError, match="other arguments"):
         hfcompress.compress(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), gptq(bits=3),
                             calibration_data=windows, resume_dir=state)
+
+
+def test_token_windows_from_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": WINDOWS}, tmp_path / "w.safetensors")
+    assert torch.equal(calibration_windows(None, tmp_path / "w.safetensors", 128, 2048, 0), WINDOWS)
+    save_file({"ids": WINDOWS}, tmp_path / "bad.safetensors")
+    with pytest.raises(DataError, match="input_ids"):
+        calibration_windows(None, tmp_path / "bad.safetensors", 128, 2048, 0)
+
+
+def test_cli_resume_state_needs_resume_flag(tmp_path, tiny_llama_dir, capsys):
+    from safetensors.torch import save_file
+
+    from hfcompress.cli import main
+
+    save_file({"input_ids": WINDOWS}, tmp_path / "w.safetensors")
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text("stages:\n  - quantize: {method: gptq, bits: 4, group_size: 64}\n")
+    out = tmp_path / "out"
+    (tmp_path / "out.resume").mkdir()
+    argv = ["compress", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out),
+            "--calibration-data", str(tmp_path / "w.safetensors"), "--no-eval"]
+    assert main(argv) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+    assert (out / "model.safetensors").exists() and not (tmp_path / "out.resume").exists()

@@ -123,3 +123,14 @@ def test_better_than_rtn_on_correlated_inputs():
     result = gptq_quantize(W, hessian(X), bits=3, group_size=64, sym=True)
     rtn = quantize_rtn(W, 3, 64, True).dequantize()
     assert quad_error(W, result.weight.dequantize(), hessian(X)) < 0.5 * quad_error(W, rtn, hessian(X))
+
+
+def test_stacked_rows_get_exactly_their_own_result():
+    torch.manual_seed(6)
+    W1, W2, X = torch.randn(8, 64), torch.randn(5, 64), torch.randn(200, 64)
+    H = hessian(X)
+    stacked = gptq_quantize(torch.cat([W1, W2]), H, bits=4, group_size=32, sym=False, act_order=True, shrink=0.5)
+    alone = gptq_quantize(W2, H, bits=4, group_size=32, sym=False, act_order=True, shrink=0.5)
+    part = stacked.weight.rows(8, 13)
+    assert torch.equal(part.q, alone.weight.q) and torch.equal(part.scales, alone.weight.scales)
+    assert torch.equal(part.zeros, alone.weight.zeros) and torch.equal(part.g_idx, alone.weight.g_idx)

@@ -56,6 +56,34 @@ def test_smollm2_rtn_w4g64_compress_reload_and_perplexity(tmp_path, smollm2):
     assert base.perplexity < ours.perplexity < 2.0 * base.perplexity, (base.perplexity, ours.perplexity)
 
 
+def test_smollm2_gptq_group128_ragged_end_to_end(tmp_path, smollm2):
+    import copy
+
+    from hfcompress import compress
+    from hfcompress.calibration import calibration_windows
+    from hfcompress.data import bundled_text
+    from hfcompress.formats.export import ExportError, export_model
+
+    reference, tokenizer, _ = smollm2
+    model = copy.deepcopy(reference)
+    windows = calibration_windows(tokenizer, bundled_text("calibration"), samples=4, seq_len=256, seed=0)
+    recipe = {"calibration": {"dtype": "bfloat16"}, "stages": [{"quantize": {
+        "method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True}}]}
+    compress(model, recipe, calibration_data=windows)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLinear) and layer.scales.shape[0] == 5  # 576 = 4 x 128 + 64
+    ids = windows[:1, :64]
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "g128")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g128", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(ExportError, match="in_features 576 is not a multiple of group_size 128"):
+            export_model(tmp_path / "g128", fmt, tmp_path / fmt)
+
+
 def test_default_cli_run_on_the_bundled_model(tmp_path, capsys):
     from hfcompress.cli import main
 

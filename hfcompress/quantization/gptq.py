@@ -92,11 +92,18 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     return best_scale, best_zero
 
 
+def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)`` with ``dW = Q - W``: the output error relative to the output."""
+    dW = Q.float() - W.float()
+    reference = torch.sum((W.float() @ H) * W.float()).clamp_min(1e-30)
+    return float(torch.sum((dW @ H) * dW) / reference)
+
+
 @dataclass
 class GPTQResult:
     weight: QuantizedWeight
     damp: float  # the dampening that was finally used
-    error: float  # relative reconstruction error tr(dW H dW^T) / tr(W H W^T)
+    error: float  # relative reconstruction error on the calibration sample (see relative_error)
 
 
 def _cholesky_inverse_upper(H: torch.Tensor, damp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
@@ -192,7 +199,4 @@ def gptq_quantize(
     invperm = torch.argsort(perm)
     Q, g_idx = Q[:, invperm], g_idx[invperm]
     weight = QuantizedWeight(Q, scales.to(scale_dtype), zeros.to(torch.int32), g_idx, bits, group_size, sym)
-    dW = weight.dequantize() - W_orig
-    reference = torch.sum((W_orig @ H_sample) * W_orig).clamp_min(1e-30)
-    error = float(torch.sum((dW @ H_sample) * dW) / reference)
-    return GPTQResult(weight, damp, error)
+    return GPTQResult(weight, damp, relative_error(W_orig, weight.dequantize(), H_sample))

@@ -25,7 +25,7 @@ from ..calibration import BlockInputs, capture_block_inputs, input_hooks, run_bl
 from ..models import decoder_blocks, linear_weight
 from ..recipe import QuantizeStage
 from ..resume import ResumeState
-from .gptq import GPTQResult, accumulate_hessian, gptq_quantize
+from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, relative_error
 from .qlinear import LinearFormat, QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,27 @@ class GPTQBlockQuantizer:
         self.format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
                                    act_order=stage.act_order and not stage.static_groups)
 
-    def _quantize(self, module: nn.Module, H: torch.Tensor) -> GPTQResult:
+    def _quantize(self, modules: dict[str, nn.Module], H: torch.Tensor) -> dict[str, GPTQResult]:
+        """GPTQ for modules that share the Hessian ``H``, solved as one matrix.
+
+        Rows of ``W`` are quantized independently given ``H`` (their own scales, their own error
+        feedback), so stacking the modules' rows gives each module exactly its own result while
+        the column loop runs once instead of once per module.
+        """
         s = self.stage
-        W = linear_weight(module).detach().float()
-        result = gptq_quantize(W, H.to(W.device), s.bits, s.group_size, s.sym, damp=s.damp, block_size=s.block_size,
-                               act_order=s.act_order, static_groups=s.static_groups, mse=s.mse, shrink=s.shrink,
-                               scale_dtype=self.format.torch_scale_dtype)
-        _set_weight(module, result.weight.dequantize())
-        return result
+        weights = [linear_weight(m).detach().float() for m in modules.values()]
+        H = H.to(weights[0].device)
+        stacked = gptq_quantize(torch.cat(weights), H, s.bits, s.group_size, s.sym, damp=s.damp,
+                                block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups,
+                                mse=s.mse, shrink=s.shrink, scale_dtype=self.format.torch_scale_dtype)
+        results, start = {}, 0
+        for (name, module), W in zip(modules.items(), weights):
+            part = stacked.weight.rows(start, start + W.shape[0])
+            start += W.shape[0]
+            dequantized = part.dequantize()
+            _set_weight(module, dequantized)
+            results[name] = GPTQResult(part, stacked.damp, relative_error(W, dequantized, H))
+        return results
 
     def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, GPTQResult]:
         """GPTQ every module of ``targets`` (names relative to ``block``), in place; returns results."""
@@ -102,16 +115,15 @@ class GPTQBlockQuantizer:
                 with input_hooks(targets, tracker, stop_after=group[-1]):
                     run_block(block, inputs, self.device, dtype=self.compute_dtype)
                 tracker.release()
-                for name in group:
-                    results[name] = self._quantize(targets[name], tracker.hessians[leader])
+                results.update(self._quantize({name: targets[name] for name in group}, tracker.hessians[leader]))
         else:
             tracker = InputTracker(compute_dtype=self.compute_dtype)
             with input_hooks(targets, tracker):
                 run_block(block, inputs, self.device, dtype=self.compute_dtype)
             tracker.release()
             for leader in tracker.order:
-                for name in tracker.groups[leader]:
-                    results[name] = self._quantize(targets[name], tracker.hessians[leader])
+                group = {name: targets[name] for name in tracker.groups[leader]}
+                results.update(self._quantize(group, tracker.hessians[leader]))
         missing = set(targets) - set(results)
         if missing:
             raise RuntimeError(f"the calibration forward pass never reached {sorted(missing)}")

@@ -98,6 +98,11 @@ class QuantizedWeight:
     group_size: int
     sym: bool
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows ``[start, stop)``: rows are quantized independently, so this is their own result."""
+        return QuantizedWeight(self.q[start:stop], self.scales[:, start:stop], self.zeros[:, start:stop],
+                               self.g_idx, self.bits, self.group_size, self.sym)
+
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``."""
         g = self.g_idx.long()
