@@ -81,7 +81,7 @@ def test_linears_reading_one_input_share_a_hessian():
     assert set(tracker.hessians) == set(tracker.order)
 
 
-@pytest.mark.parametrize("options", [{}, {"true_sequential": False}, {"act_order": True},
+@pytest.mark.parametrize("options", [{}, {"true_sequential": True}, {"act_order": True},
                                      {"act_order": True, "static_groups": True}, {"mse": True, "sym": False}])
 def test_gptq_end_to_end_on_a_tiny_llama(tmp_path, tiny_llama_dir, options):
     windows = torch.randint(2, 300, (8, 64), generator=torch.Generator().manual_seed(1))
@@ -174,3 +174,27 @@ def test_cli_resume_state_needs_resume_flag(tmp_path, tiny_llama_dir, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main(argv + ["--resume"]) == 0
     assert (out / "model.safetensors").exists() and not (tmp_path / "out.resume").exists()
+
+
+def test_block_errors_match_each_modules_own_gptq():
+    from hfcompress.quantization.gptq import gptq_quantize
+    from hfcompress.quantization.gptq_runner import GPTQBlockQuantizer
+    from hfcompress.recipe import QuantizeStage
+
+    model = tiny_llama()  # float32: the weights the runner reads share storage with the modules
+    block = decoder_blocks(model)[0]
+    inputs = capture_block_inputs(model, block, WINDOWS, torch.device("cpu"))
+    targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    originals = {n: m.weight.detach().clone() for n, m in targets.items()}
+    stage = QuantizeStage(method="gptq", bits=4, group_size=32, true_sequential=False)
+    tracker = InputTracker()
+    with input_hooks(targets, tracker):
+        run_block(block, inputs, torch.device("cpu"))
+    results = GPTQBlockQuantizer(stage, torch.device("cpu")).quantize_block(block, targets, inputs)
+    for name in ["self_attn.k_proj", "mlp.up_proj"]:
+        leader = next(lead for lead, members in tracker.groups.items() if name in members)
+        alone = gptq_quantize(originals[name], tracker.hessians[leader], 4, 32, True, shrink=stage.shrink,
+                              scale_dtype=results[name].weight.scales.dtype)
+        assert results[name].error > 0
+        assert results[name].error == pytest.approx(alone.error, rel=1e-4)
+        assert torch.equal(results[name].weight.q, alone.weight.q)

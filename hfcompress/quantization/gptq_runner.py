@@ -98,8 +98,9 @@ class GPTQBlockQuantizer:
             part = stacked.weight.rows(start, start + W.shape[0])
             start += W.shape[0]
             dequantized = part.dequantize()
-            _set_weight(module, dequantized)
+            # W may share storage with the module's weight (a float32 model): measure before writing.
             results[name] = GPTQResult(part, stacked.damp, relative_error(W, dequantized, H))
+            _set_weight(module, dequantized)
         return results
 
     def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, GPTQResult]:
