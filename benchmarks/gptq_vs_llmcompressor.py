@@ -57,6 +57,8 @@ def parse_args():
     parser.add_argument("--extra-windows", type=int, default=20)
     parser.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
     parser.add_argument("--skip-bnb", action="store_true", help="do not run the bitsandbytes baselines")
+    parser.add_argument("--skip-unquantized", action="store_true",
+                        help="do not evaluate the unquantized model (another run already did)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
@@ -138,8 +140,9 @@ def main():
             entry["extra_ppl"] = {k: evaluate(model, tokenizer, ids, args.extra_windows) for k, ids in extra.items()}
         print(json.dumps({name: entry}), flush=True)
 
-    record("unquantized", AutoModelForCausalLM.from_pretrained(checkpoint), extra_texts=True,
-           weights_bytes=(checkpoint / "model.safetensors").stat().st_size)
+    if not args.skip_unquantized:
+        record("unquantized", AutoModelForCausalLM.from_pretrained(checkpoint), extra_texts=True,
+               weights_bytes=(checkpoint / "model.safetensors").stat().st_size)
     record("hfcompress_gptq", AutoModelForCausalLM.from_pretrained(results["models"]["hfcompress_gptq"]["folder"]),
            extra_texts=True)
     if not args.skip_peer:

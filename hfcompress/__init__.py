@@ -10,7 +10,7 @@ from .evaluation import PerplexityResult, evaluate_perplexity
 from .integration import register
 from .io import load_model, save_compressed
 from .pipeline import compress
-from .quantization import LinearFormat, QuantLinear
+from .quantization import LinearFormat, QuantLinear, prepare_kernels
 from .recipe import CalibrationConfig, QuantizeStage, Recipe, RecipeError
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "compress",
     "evaluate_perplexity",
     "load_model",
+    "prepare_kernels",
     "register",
     "save_compressed",
 ]

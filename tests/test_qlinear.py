@@ -21,7 +21,10 @@ def test_forward_matches_reference_and_unpack_round_trips(bits, group_size, sym)
     assert torch.equal(unpacked.q, qw.q) and torch.equal(unpacked.zeros, qw.zeros)
     assert torch.equal(unpacked.scales, qw.scales)
     x = torch.randn(5, 100)
-    assert torch.equal(module(x), F.linear(x, qw.dequantize(), linear.bias))
+    expected = F.linear(x, qw.dequantize(), linear.bias)
+    assert torch.equal(module.reference_forward(x), expected)
+    # The forward may take a CPU kernel (4 and 8 bits): same maths, other summation order.
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_act_order_group_index_is_stored_and_used():

@@ -105,5 +105,14 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``."""
+        N, K = self.q.shape
+        G = K if self.group_size == -1 else self.group_size
+        n_groups = self.scales.shape[0]
+        if torch.equal(self.g_idx, group_index(K, self.group_size, self.g_idx.device)):
+            # Groups are runs of G columns: broadcast each group's scale and zero over its run
+            # instead of gathering one per weight (several times faster on CPU).
+            q = torch.nn.functional.pad(self.q.float(), (0, n_groups * G - K)).view(N, n_groups, G)
+            w = (q - self.zeros.t().float().unsqueeze(-1)) * self.scales.t().float().unsqueeze(-1)
+            return w.view(N, n_groups * G)[:, :K]
         g = self.g_idx.long()
         return (self.q.float() - self.zeros.t()[:, g].float()) * self.scales.t()[:, g].float()

@@ -88,11 +88,17 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
             f"(expected {packed_length(rows, bits)} words per column)"
         )
     cols = packed.shape[1]
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        # No value straddles two words: one shift per position in the word, all words at once
+        # (an arithmetic shift of a negative word only fills bits that the mask drops).
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        values = (packed.to(torch.int32).unsqueeze(1) >> shifts[None, :, None]) & mask
+        return values.reshape(-1, cols)[:rows]
     blocks = math.ceil(rows / _VALUES_PER_BLOCK)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.nn.functional.pad(words, (0, 0, 0, blocks * bits - words.shape[0]))
     words = words.view(blocks, bits, cols)
-    mask = (1 << bits) - 1
     out = torch.empty(blocks, _VALUES_PER_BLOCK, cols, dtype=torch.int64, device=packed.device)
     for j, word, offset, spill in _stream_positions(bits):
         value = words[:, word] >> offset

@@ -14,8 +14,10 @@ bias     model dtype ``[N]`` (when the original
          layer had one)
 ======== ======================================= ==================================================
 
-The forward pass here is the reference path: unpack, dequantize, matmul. Faster kernels plug in
-behind the same buffers; they must match this path.
+The forward pass picks a kernel by the device of its input (``dispatch.py``): the Triton kernels
+on CUDA, torch's packed int4/int8 matmuls on CPU, else the reference path here (unpack,
+dequantize, matmul), which every kernel is tested against. Kernels repack the buffers once, on
+the first forward on a device (or :func:`prepare_kernels`), never on disk.
 
 >>> import torch
 >>> from hfcompress.quantization.rtn import quantize_rtn
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dispatch
 from .grid import QuantizedWeight, group_count, group_index
 from .pack import SUPPORTED_BITS, pack_columns, pack_rows, packed_length, unpack_columns, unpack_rows
 
@@ -99,6 +102,15 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self._kernel = None  # the repacked weight of the chosen kernel, built on first use
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel = None  # moved or cast: repack for the new device on the next forward
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel = None  # new weights: the repacked copy is stale
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, fmt: LinearFormat) -> QuantLinear:
@@ -146,7 +158,23 @@ class QuantLinear(nn.Module):
         """
         return self.dequantize_weight()
 
+    def prepare_kernel(self, device: torch.device | None = None) -> dispatch.Kernel | None:
+        """Repack for the fastest kernel on ``device`` (default: the buffers'), once; None: reference path."""
+        device = torch.device(device) if device is not None else self.qweight.device
+        kernel = self._kernel
+        if kernel is None or kernel.device != device or kernel.mode != dispatch.current_mode():
+            kernel = self._kernel = dispatch.prepare(self, device)
+        return kernel if kernel.usable else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.prepare_kernel(x.device) if dispatch.enabled() else None
+        if kernel is not None and kernel.accepts(x):
+            y = kernel(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then matmul: the definition every kernel is tested against."""
         weight = self.dequantize_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)

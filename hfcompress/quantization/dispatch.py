@@ -1,0 +1,170 @@
+"""Which kernel a QuantLinear runs on, and the one-time repack that kernel needs.
+
+- CUDA: the Triton kernels (``hfcompress.kernels``) for 4 and 8 bits, fp16/bf16 activations, and
+  groups that are multiples of 16 (a short last group is fine);
+- CPU: torch's packed int4 matmul (4 bits, groups that are multiples of 32) and int8 matmul
+  (8 bits, one group per row), for bfloat16 activations (load the model in bfloat16 for speed);
+- anything else: the reference path (``QuantLinear.reference_forward``).
+
+Act-order layers are permuted once so that their groups are contiguous runs of K; the forward
+then permutes the activations (``x[:, perm]``) instead of gathering weights.
+
+``HFCOMPRESS_KERNELS=reference`` (or :func:`use`) turns the kernels off, for comparisons;
+``HFCOMPRESS_KERNELS=triton`` runs the Triton kernels on CPU tensors too, which is how the tests
+exercise them under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .pack import pack_rows
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "reference", "triton")
+_mode = os.environ.get("HFCOMPRESS_KERNELS", "auto")
+if _mode not in MODES:
+    raise ValueError(f"HFCOMPRESS_KERNELS={_mode!r}; valid: {', '.join(MODES)}")
+
+
+def current_mode() -> str:
+    return _mode
+
+
+def enabled() -> bool:
+    return _mode != "reference"
+
+
+@contextmanager
+def use(mode: str) -> Iterator[None]:
+    """Run the block with kernel ``mode`` ("auto", "reference" or "triton"); modules repack as needed."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r}; valid: {', '.join(MODES)}")
+    previous, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = previous
+
+
+@dataclass
+class Kernel:
+    device: torch.device
+    name: str  # "triton", "cpu-int4", "cpu-int8" or "reference"
+    run: Callable[[torch.Tensor], torch.Tensor] | None = None  # [M, K] -> [M, N]
+    dtypes: tuple[torch.dtype, ...] = ()
+    perm: torch.Tensor | None = None  # act-order: x[:, perm] makes the groups contiguous
+    mode: str = field(default_factory=current_mode)
+
+    @property
+    def usable(self) -> bool:
+        return self.run is not None
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.dtype in self.dtypes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        return self.run(x)
+
+
+def _natural_codes(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Codes ``[N, K]`` with groups as contiguous runs of K, and the permutation used (or None)."""
+    weight = module.unpack()
+    fmt = module.format
+    if module.g_idx is None or fmt.group_size == -1:
+        return weight.q, None
+    g_idx = weight.g_idx.long()
+    perm = torch.argsort(g_idx, stable=True)
+    natural = torch.arange(g_idx.numel(), device=g_idx.device) // fmt.group_size
+    if not torch.equal(g_idx[perm], natural):
+        return None  # groups of unequal sizes cannot be read as runs: stay on the reference path
+    if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
+        return weight.q, None
+    return weight.q[:, perm], perm
+
+
+def _prepare_triton(module, device: torch.device) -> Kernel:
+    fmt = module.format
+    span = module.in_features if fmt.group_size == -1 else fmt.group_size
+    if fmt.bits not in (4, 8) or span % 16:
+        return Kernel(device, "reference")
+    try:
+        from ..kernels import ops  # noqa: F401  (registers torch.ops.hfcompress.quant_matmul)
+    except ImportError:
+        logger.warning("triton is not installed: QuantLinear runs the reference path on %s "
+                       "(pip install 'hfcompress[triton]')", device)
+        return Kernel(device, "reference")
+    natural = _natural_codes(module)
+    if natural is None:
+        return Kernel(device, "reference")
+    q, perm = natural
+    qweight = pack_rows(q.t(), fmt.bits).to(device) if perm is not None else module.qweight.to(device)
+    scales, qzeros = module.scales.to(device), module.qzeros.to(device)
+    bits = fmt.bits
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hfcompress.quant_matmul(x, qweight, scales, qzeros, bits, span)
+
+    return Kernel(device, "triton", run, (torch.float16, torch.bfloat16), None if perm is None else perm.to(device))
+
+
+def _prepare_cpu(module, device: torch.device) -> Kernel:
+    from ..kernels import cpu
+
+    fmt = module.format
+    natural = _natural_codes(module) if fmt.bits in (4, 8) else None
+    if natural is None:
+        return Kernel(device, "reference")
+    q, perm = natural
+    zeros = module.unpack().zeros
+    # torch's packed CPU matmuls are fast for bfloat16 activations only (float32 and float16 take
+    # a slow generic path, 20-40x slower than nn.Linear), so other dtypes use the reference path.
+    dtypes = (torch.bfloat16,)
+    if fmt.bits == 4:
+        weight = cpu.prepare_int4(q, module.scales, zeros, fmt.group_size)
+        if weight is not None:
+            return Kernel(device, "cpu-int4", lambda x: cpu.int4_matmul(x, weight), dtypes, perm)
+    elif perm is None:  # one group per row has no act-order permutation
+        weight = cpu.prepare_int8(q, module.scales, zeros)
+        if weight is not None:
+            return Kernel(device, "cpu-int8", lambda x: cpu.int8_matmul(x, weight), dtypes)
+    return Kernel(device, "reference")
+
+
+@torch.no_grad()
+def prepare(module, device: torch.device) -> Kernel:
+    """The kernel for ``module``'s inputs on ``device`` (its repacked weights included)."""
+    if device.type == "cuda" or (_mode == "triton" and device.type == "cpu"):
+        kernel = _prepare_triton(module, device)
+    elif device.type == "cpu":
+        kernel = _prepare_cpu(module, device)
+    else:
+        kernel = Kernel(device, "reference")
+    logger.debug("%s: %s kernel on %s", module.extra_repr(), kernel.name, device)
+    return kernel
+
+
+def prepare_kernels(model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, int]:
+    """Repack every QuantLinear of ``model`` for its kernel now (else on its first forward).
+
+    Call it before ``torch.compile`` or CUDA graph capture. Returns how many layers use each kernel.
+    """
+    from .qlinear import QuantLinear
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            kernel = module.prepare_kernel(device)
+            name = kernel.name if kernel is not None else "reference"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
