@@ -164,3 +164,23 @@ def test_new_weights_invalidate_the_repacked_copy():
     a(x)  # repacks a's weights
     a.load_state_dict(b.state_dict())
     torch.testing.assert_close(a(x), b(x))
+
+
+# --- GPU only ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_cuda_graph_replays_the_kernels(M):
+    layer = quantized_layer(512, 1024, 4, 128, True, act_order=True).cuda()
+    x = torch.randn(M, 1024, device="cuda", dtype=torch.float16)
+    layer(x)  # repacks and autotunes outside the capture
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    new_x = torch.randn_like(x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.testing.assert_close(static_y, layer(new_x))
+    assert_close(static_y, reference(layer, new_x), torch.float16)

@@ -77,6 +77,15 @@ class Kernel:
         return self.run(x)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message, *args)
+
+
 def _natural_codes(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Codes ``[N, K]`` with groups as contiguous runs of K, and the permutation used (or None)."""
     weight = module.unpack()
@@ -101,8 +110,8 @@ def _prepare_triton(module, device: torch.device) -> Kernel:
     try:
         from ..kernels import ops  # noqa: F401  (registers torch.ops.hfcompress.quant_matmul)
     except ImportError:
-        logger.warning("triton is not installed: QuantLinear runs the reference path on %s "
-                       "(pip install 'hfcompress[triton]')", device)
+        _warn_once("triton is not installed: packed layers run the reference path on %s "
+                   "(pip install 'hfcompress[triton]')", device)
         return Kernel(device, "reference")
     natural = _natural_codes(module)
     if natural is None:
