@@ -57,6 +57,7 @@ def parse_args():
     parser.add_argument("--extra-windows", type=int, default=20)
     parser.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
     parser.add_argument("--skip-bnb", action="store_true", help="do not run the bitsandbytes baselines")
+    parser.add_argument("--mse", action="store_true", help="our GPTQ searches each group's clipping range")
     parser.add_argument("--skip-unquantized", action="store_true",
                         help="do not evaluate the unquantized model (another run already did)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -68,7 +69,7 @@ def our_recipe(args, path: Path) -> Path:
         "calibration: {dtype: bfloat16}\n"
         "stages:\n"
         f"  - quantize: {{method: gptq, bits: {args.bits}, group_size: {args.group_size}, sym: true, "
-        "act_order: true, static_groups: true}\n"
+        f"act_order: true, static_groups: true, mse: {'true' if args.mse else 'false'}}}\n"
     )
     return path
 
