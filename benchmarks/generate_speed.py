@@ -21,8 +21,11 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from common import write_json
 
 PROMPT = "The history of the printing press begins"
 
@@ -113,11 +116,9 @@ def main():
     result = {"cpu": cpu_run(args)}
     if torch.cuda.is_available():
         result["gpu"] = gpu_run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_json(Path(args.json), result)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ out        ``x.dtype`` ``[M, N]`` (fp32 when   ``sum_k x[m, k] * scale[g, n] * (
 Groups are contiguous runs of ``group`` columns of K; the last one may be short (SmolLM2: 576 =
 4 x 128 + 64). ``group = K`` for one group per row. A K tile never straddles two groups
 (``BLOCK_K`` divides ``group``), so each tile loads one row of scales and zeros, not one per
-element. Act-order checkpoints are repacked once at load time (``repack_act_order``) so that
-their groups become contiguous: the kernel then reads ``x[:, perm]``, a gather on the small
+element. Act-order checkpoints are repacked once at load time (``hfcompress.quantization.dispatch``)
+so that their groups become contiguous: the kernel then reads ``x[:, perm]``, a gather on the small
 activation matrix per call instead of a gather per weight element inside the K loop.
 
 Two launch shapes:
@@ -130,7 +130,7 @@ def quant_gemv_kernel(
     tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask)
 
 
-def _block_k(group_size: int, K: int, preferred: int) -> int:
+def _block_k(group_size: int, preferred: int) -> int:
     """The largest power of two <= ``preferred`` (>= 16) that divides the group (so no tile straddles two)."""
     block = preferred
     while block > 16 and group_size % block:
@@ -166,7 +166,7 @@ def _launch(x, qweight, scales, qzeros, bits, group_size, config):
     M, K = x.shape
     N = scales.shape[1]
     block_m, block_n, block_k, split_k, warps, stages = config
-    block_k = _block_k(group_size, K, block_k)
+    block_k = _block_k(group_size, block_k)
     common = dict(BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     launch = {} if INTERPRET else dict(num_warps=warps, num_stages=stages)
     strides = (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), qzeros.stride(0),
@@ -227,17 +227,3 @@ def autotune(x, qweight, scales, qzeros, bits, group_size, rep: int = 50) -> tup
                 continue
         _best[key] = min(timings, key=timings.get)
     return _best[key]
-
-
-def repack_act_order(qweight_rows: torch.Tensor, g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
-    """The permutation of K that makes act-order groups contiguous, or None when it cannot.
-
-    GPTQ's act-order assigns group ``i // group`` to the ``i``-th column in quantization order, so
-    sorting the columns by group gives exactly the natural layout: column ``perm[j]`` moves to ``j``.
-    ``qweight_rows`` is only used for its device.
-    """
-    perm = torch.argsort(g_idx.long(), stable=True)
-    natural = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
-    if not torch.equal(g_idx.long()[perm], natural):
-        return None  # groups of unequal sizes: the kernels cannot read them as runs
-    return perm.to(qweight_rows.device)

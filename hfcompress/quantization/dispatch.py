@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grid import group_index
 from .pack import pack_rows
 
 logger = logging.getLogger(__name__)
@@ -86,16 +87,15 @@ def _warn_once(message: str, *args) -> None:
         logger.warning(message, *args)
 
 
-def _natural_codes(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Codes ``[N, K]`` with groups as contiguous runs of K, and the permutation used (or None)."""
-    weight = module.unpack()
+def _natural_codes(module, weight) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Codes ``[N, K]`` of ``weight`` (``module.unpack()``) with groups as contiguous runs of K,
+    and the permutation used (or None)."""
     fmt = module.format
     if module.g_idx is None or fmt.group_size == -1:
         return weight.q, None
     g_idx = weight.g_idx.long()
     perm = torch.argsort(g_idx, stable=True)
-    natural = torch.arange(g_idx.numel(), device=g_idx.device) // fmt.group_size
-    if not torch.equal(g_idx[perm], natural):
+    if not torch.equal(g_idx[perm], group_index(g_idx.numel(), fmt.group_size, g_idx.device).long()):
         return None  # groups of unequal sizes cannot be read as runs: stay on the reference path
     if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
         return weight.q, None
@@ -113,7 +113,7 @@ def _prepare_triton(module, device: torch.device) -> Kernel:
         _warn_once("triton is not installed: packed layers run the reference path on %s "
                    "(pip install 'hfcompress[triton]')", device)
         return Kernel(device, "reference")
-    natural = _natural_codes(module)
+    natural = _natural_codes(module, module.unpack())
     if natural is None:
         return Kernel(device, "reference")
     q, perm = natural
@@ -131,22 +131,23 @@ def _prepare_cpu(module, device: torch.device) -> Kernel:
     from ..kernels import cpu
 
     fmt = module.format
-    natural = _natural_codes(module) if fmt.bits in (4, 8) else None
+    weight = module.unpack() if fmt.bits in (4, 8) else None
+    natural = _natural_codes(module, weight) if weight is not None else None
     if natural is None:
         return Kernel(device, "reference")
     q, perm = natural
-    zeros = module.unpack().zeros
+    zeros = weight.zeros
     # torch's packed CPU matmuls are fast for bfloat16 activations only (float32 and float16 take
     # a slow generic path, 20-40x slower than nn.Linear), so other dtypes use the reference path.
     dtypes = (torch.bfloat16,)
     if fmt.bits == 4:
-        weight = cpu.prepare_int4(q, module.scales, zeros, fmt.group_size)
-        if weight is not None:
-            return Kernel(device, "cpu-int4", lambda x: cpu.int4_matmul(x, weight), dtypes, perm)
+        packed4 = cpu.prepare_int4(q, module.scales, zeros, fmt.group_size)
+        if packed4 is not None:
+            return Kernel(device, "cpu-int4", lambda x: cpu.int4_matmul(x, packed4), dtypes, perm)
     elif perm is None:  # one group per row has no act-order permutation
-        weight = cpu.prepare_int8(q, module.scales, zeros)
-        if weight is not None:
-            return Kernel(device, "cpu-int8", lambda x: cpu.int8_matmul(x, weight), dtypes)
+        packed8 = cpu.prepare_int8(q, module.scales, zeros)
+        if packed8 is not None:
+            return Kernel(device, "cpu-int8", lambda x: cpu.int8_matmul(x, packed8), dtypes)
     return Kernel(device, "reference")
 
 
