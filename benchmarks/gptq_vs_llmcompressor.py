@@ -57,6 +57,7 @@ def parse_args():
     parser.add_argument("--extra-windows", type=int, default=20)
     parser.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
     parser.add_argument("--skip-bnb", action="store_true", help="do not run the bitsandbytes baselines")
+    parser.add_argument("--skip-rtn", action="store_true", help="do not evaluate our RTN baseline")
     parser.add_argument("--mse", action="store_true", help="our GPTQ searches each group's clipping range")
     parser.add_argument("--skip-unquantized", action="store_true",
                         help="do not evaluate the unquantized model (another run already did)")
@@ -149,14 +150,15 @@ def main():
     if not args.skip_peer:
         record("llmcompressor_gptq",
                AutoModelForCausalLM.from_pretrained(results["models"]["llmcompressor_gptq"]["folder"]), extra_texts=True)
-    start = time.perf_counter()
-    rtn = hfcompress.compress(AutoModelForCausalLM.from_pretrained(checkpoint), {"stages": [{"quantize": {
-        "method": "rtn", "bits": args.bits, "group_size": args.group_size, "sym": True}}]})
-    rtn_seconds = time.perf_counter() - start
-    rtn.save_pretrained(args.work / "hfcompress-rtn")
-    record("hfcompress_rtn", rtn, extra_texts=True, quantize_seconds=round(rtn_seconds, 1),
-           weights_bytes=weights_bytes(args.work / "hfcompress-rtn"))
-    del rtn
+    if not args.skip_rtn:
+        start = time.perf_counter()
+        rtn = hfcompress.compress(AutoModelForCausalLM.from_pretrained(checkpoint), {"stages": [{"quantize": {
+            "method": "rtn", "bits": args.bits, "group_size": args.group_size, "sym": True}}]})
+        rtn_seconds = time.perf_counter() - start
+        rtn.save_pretrained(args.work / "hfcompress-rtn")
+        record("hfcompress_rtn", rtn, extra_texts=True, quantize_seconds=round(rtn_seconds, 1),
+               weights_bytes=weights_bytes(args.work / "hfcompress-rtn"))
+        del rtn
     if not args.skip_bnb:
         from transformers import BitsAndBytesConfig
 

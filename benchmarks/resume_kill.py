@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -44,6 +45,8 @@ def main():
                 "--overwrite", *extra]
 
     whole, resumed = args.work / "whole", args.work / "resumed"
+    for stale in (whole, resumed, Path(f"{resumed}.resume"), Path(f"{whole}.resume")):
+        shutil.rmtree(stale, ignore_errors=True)  # a previous run's state would be resumed instead
     start = time.perf_counter()
     subprocess.run(command(whole), check=True)
     whole_seconds = time.perf_counter() - start
@@ -56,6 +59,9 @@ def main():
             break
         time.sleep(0.5)
     proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        raise SystemExit(f"the run to kill ended by itself (exit status {proc.returncode}) before "
+                         f"{args.kill_after_layers} layers were done; lower --kill-after-layers")
     killed_at = json.loads(state.read_text())["blocks_done"] if state.exists() else None
     start = time.perf_counter()
     subprocess.run(command(resumed, "--resume"), check=True)

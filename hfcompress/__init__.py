@@ -11,7 +11,7 @@ from .integration import register
 from .io import load_model, save_compressed
 from .pipeline import compress
 from .quantization import LinearFormat, QuantLinear, prepare_kernels
-from .recipe import CalibrationConfig, QuantizeStage, Recipe, RecipeError
+from .recipe import CalibrationConfig, PruneStage, QuantizeStage, Recipe, RecipeError
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "CompressionConfig",
     "LinearFormat",
     "PerplexityResult",
+    "PruneStage",
     "QuantLinear",
     "QuantizeStage",
     "Recipe",

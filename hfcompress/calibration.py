@@ -112,19 +112,24 @@ def _block_output(output):
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, update: bool = False,
-              dtype: torch.dtype | None = None) -> None:
+              dtype: torch.dtype | None = None,
+              observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
     """Run every window through ``block``; with ``update``, write its outputs over the inputs.
 
     A forward may end early (a hook raising :class:`_StopForward` once it has what it needs).
     ``dtype`` runs the block under autocast (hidden states stay in their own dtype).
+    ``observe(input, output)`` sees each window's hidden states before and after the block.
     """
     kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
     for i in range(inputs.hidden.shape[0]):
+        x = inputs.hidden[i : i + 1].to(device)
         try:
             with compute_context(device, dtype):
-                out = _block_output(block(inputs.hidden[i : i + 1].to(device), **kwargs))
+                out = _block_output(block(x, **kwargs))
         except _StopForward:
             continue
+        if observe is not None:
+            observe(x, out)
         if update:
             inputs.hidden[i : i + 1] = out.to(inputs.hidden.device, inputs.hidden.dtype)
 

@@ -147,7 +147,7 @@ def run_compress(args) -> int:
     before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
     compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
              device=args.device)
-    config = model.config.quantization_config
+    config = model.hfcompress_config
     if config.base_model is None:
         config.base_model = source.hub_id
     after = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None

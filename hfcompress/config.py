@@ -11,6 +11,7 @@ the weights load. In ``config.json`` it reads::
       "recipe": {"stages": [{"quantize": {"method": "rtn", "bits": 4, ...}}]},
       "quantized": [{"bits": 4, "group_size": 128, "sym": true, "act_order": false,
                      "scale_dtype": "float16", "modules": ["model.layers.0.self_attn.q_proj", ...]}],
+      "pruned": {"head_dim": 64, "layers": [{"heads": 6, "kv_heads": 2, "ffn": 1152}, ...]},
       "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
       "metrics": {"perplexity": {...}}
     }
@@ -44,6 +45,7 @@ class CompressionConfig(QuantizationConfigMixin):
         quantized: list[dict] | None = None,
         base_model: str | None = None,
         metrics: dict | None = None,
+        pruned: dict | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
@@ -51,7 +53,7 @@ class CompressionConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(
                 f"unknown key(s) in the hfcompress quantization_config: {', '.join(sorted(unknown))}; valid keys: "
-                "quant_method, format_version, recipe, quantized, base_model, metrics"
+                "quant_method, format_version, recipe, quantized, pruned, base_model, metrics"
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method is {quant_method!r}; CompressionConfig reads {QUANT_METHOD!r} only")
@@ -71,6 +73,13 @@ class CompressionConfig(QuantizationConfigMixin):
             self.modules.update({name: fmt for name in names})
         self.base_model = base_model
         self.metrics = dict(metrics or {})
+        # Per-layer sizes after structured pruning, when the model's config cannot express them:
+        # {"head_dim": d, "layers": [{"heads": h, "kv_heads": kv, "ffn": f}, ...]}.
+        self.pruned = copy.deepcopy(pruned) if pruned else None
+
+    def needs_plugin(self) -> bool:
+        """Whether reloading needs hfcompress: packed modules, or shapes the config cannot express."""
+        return bool(self.modules or self.pruned)
 
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
@@ -87,6 +96,8 @@ class CompressionConfig(QuantizationConfigMixin):
         out: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": self.format_version}
         out["recipe"] = None if self.recipe is None else self.recipe.to_dict()
         out["quantized"] = [{**fmt.to_dict(), "modules": names} for fmt, names in groups.items()]
+        if self.pruned:
+            out["pruned"] = copy.deepcopy(self.pruned)
         if self.base_model is not None:
             out["base_model"] = self.base_model
         if self.metrics:

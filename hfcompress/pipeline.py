@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import CompressionConfig
+from .pruning.stage import apply_prune_stage
 from .quantization.stage import apply_quantize_stage
 from .recipe import CalibrationConfig, Recipe
 
@@ -41,7 +43,15 @@ class CompressionContext:
     resume_dir: Path | None = None
     device: torch.device | None = None
     stage_index: int = 0
+    original_model: nn.Module | None = None  # the model before the first stage, for ``teacher: original``
     _windows: torch.Tensor | None = None
+
+    def text_source(self):
+        """Text (or token ids) for stages that train: the calibration data, else the bundled text."""
+        from .data import bundled_text
+
+        data = self.calibration_data if self.calibration_data is not None else self.calibration.data
+        return data if data is not None else bundled_text("calibration")
 
     def calibration_windows(self) -> torch.Tensor:
         from .calibration import calibration_windows
@@ -80,8 +90,16 @@ class CompressionContext:
         return ResumeState(Path(self.resume_dir) / f"stage{self.stage_index}", key)
 
 
+def apply_distill_stage(model, stage, config, context) -> None:
+    from .distillation.stage import apply_distill_stage as run  # transformers.Trainer: imported when used
+
+    run(model, stage, config, context)
+
+
 # Stage name -> runner(model, stage_config, compression_config, context). New stages register here.
 STAGE_RUNNERS: dict[str, Callable] = {
+    "prune": apply_prune_stage,
+    "distill": apply_distill_stage,
     "quantize": apply_quantize_stage,
 }
 
@@ -129,6 +147,21 @@ def attach_config(model: nn.Module, config: CompressionConfig) -> None:
             module.config._is_quantized = True
 
 
+def detach_config(model: nn.Module) -> None:
+    """Leave no hfcompress config on a model that is a plain checkpoint again (e.g. uniformly
+    pruned, nothing packed): it then saves and reloads without the plugin."""
+    from .integration.quantizer import CompressionQuantizer
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, CompressionQuantizer):
+        quantizer.remove_quantization_config(model)
+    elif isinstance(getattr(getattr(model, "config", None), "quantization_config", None), CompressionConfig):
+        del model.config.quantization_config
+    for module in model.modules():
+        if hasattr(module, "config") and getattr(module.config, "_is_quantized", False):
+            module.config._is_quantized = False
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str | os.PathLike,
@@ -148,11 +181,16 @@ def compress(
     ``resume_dir`` keeps a checkpoint after every block, and a rerun with the same arguments
     continues from it. ``device`` is where blocks are computed (default: where the model is).
     The result records its recipe and formats in ``model.config.quantization_config`` so that
-    ``save_pretrained`` and ``from_pretrained`` round-trip it.
+    ``save_pretrained`` and ``from_pretrained`` round-trip it; a model that needs nothing of
+    hfcompress to reload (uniformly pruned, nothing packed) gets no such entry and saves as a plain
+    checkpoint. Either way ``model.hfcompress_config`` holds what was done.
     """
     recipe = Recipe.load(recipe)
+    previous = getattr(getattr(model, "config", None), "quantization_config", None)
     _release_foreign_quantization(model)
     config = config if config is not None else CompressionConfig()
+    if isinstance(previous, CompressionConfig) and previous.pruned and not config.pruned:
+        config.pruned = previous.pruned  # a pruned checkpoint compressed further keeps its shapes on record
     config.recipe = recipe
     if config.base_model is None:
         config.base_model = base_model_id(model)
@@ -165,9 +203,17 @@ def compress(
         resume_dir=Path(resume_dir) if resume_dir is not None else None,
         device=torch.device(device) if device is not None else None,
     )
+    if any(getattr(stage, "teacher", None) == "original" for stage in recipe.stages):
+        logger.info("keeping a copy of the model as it is now, the teacher of the distill stage")
+        context.original_model = copy.deepcopy(model).eval()
     for i, stage in enumerate(recipe.stages, start=1):
         logger.info("stage %d/%d: %s", i, len(recipe.stages), stage.name)
         context.stage_index = i - 1
         STAGE_RUNNERS[stage.name](model, stage, config, context)
-    attach_config(model, config)
+    context.original_model = None
+    model.hfcompress_config = config  # what was done, also when nothing needs recording in config.json
+    if config.needs_plugin():
+        attach_config(model, config)
+    else:
+        detach_config(model)
     return model

@@ -88,10 +88,16 @@ class _Section:
                 raise RecipeError(
                     f"recipe {_where(path, str(key))}: unknown key {key!r}; valid keys: {', '.join(valid)}"
                 )
+        values = {}
         for key, value in data.items():
-            _check_type(value, hints[key], f"recipe {_where(path, key)}")
+            hint = hints[key]
+            if isinstance(hint, type) and issubclass(hint, _Section):  # a nested section, e.g. distill.loss
+                values[key] = value if isinstance(value, hint) else hint.from_dict(value, _where(path, key))
+                continue
+            _check_type(value, hint, f"recipe {_where(path, key)}")
+            values[key] = [list(v) if isinstance(v, list) else v for v in value] if isinstance(value, list) else value
         try:
-            return cls(**{k: list(v) if isinstance(v, list) else v for k, v in data.items()})
+            return cls(**values)
         except RecipeError as err:
             raise RecipeError(f"recipe {_where(path, str(err))}") from None
 
@@ -106,7 +112,9 @@ class _Section:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
+    if isinstance(value, _Section):
+        return value.to_dict()
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -158,6 +166,10 @@ class QuantizeStage(_Section):
     # gain (first 20 WikiText-2 windows: 25.91 with it, 25.75 without).
     true_sequential: bool = False
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
     def validate(self):
         if self.method not in QUANTIZE_METHODS:
             raise RecipeError(f"method: {self.method!r} is not a method we have; valid: {', '.join(QUANTIZE_METHODS)}")
@@ -180,10 +192,127 @@ class QuantizeStage(_Section):
                     raise RecipeError(f"{key}: applies to method gptq only, not {self.method!r}")
 
 
-# The stage vocabulary: YAML name -> config class. New stages register here.
-STAGES: dict[str, type[_Section]] = {cls.name: cls for cls in (QuantizeStage,)}
+def _check_amount(key: str, value: float | int, what: str) -> None:
+    """A pruning amount: a fraction in [0, 1) as a float, or a count as an integer."""
+    if isinstance(value, bool):
+        raise RecipeError(f"{key}: expected a fraction or a count, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise RecipeError(f"{key}: {value} must be a count of {what} to remove (>= 0)")
+    elif not 0 <= value < 1:
+        hint = " (all of them)" if value == 1 else ""
+        raise RecipeError(
+            f"{key}: a fraction of {value}{hint} is not valid; write a fraction of the {what} to remove in "
+            f"[0, 1), or an integer count"
+        )
 
-Stage = QuantizeStage
+
+@dataclass
+class PruneStage(_Section):
+    """``prune``: structured pruning of attention heads, FFN channels, hidden channels and layers.
+
+    Amounts are a fraction of what each layer has (a float below 1) or a count to remove (an
+    integer): ``heads: 0.3334`` or ``heads: 3``. ``layers`` counts whole decoder layers to drop.
+    See :mod:`hfcompress.pruning` for the importance measures and the GQA modes.
+    """
+
+    name: ClassVar[str] = "prune"
+    IMPORTANCE: ClassVar[tuple[str, ...]] = ("activation", "magnitude", "taylor")
+    GQA: ClassVar[tuple[str, ...]] = ("groups", "per_group")
+
+    heads: float | int = 0
+    ffn: float | int = 0
+    hidden: float | int = 0
+    layers: int = 0
+    importance: str = "activation"
+    gqa: str = "groups"
+    uniform: bool = True
+    scores: str | None = None  # a .safetensors file: reused when it exists, written when it does not
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance != "magnitude" or self.layers > 0
+
+    def validate(self):
+        _check_amount("heads", self.heads, "attention heads")
+        _check_amount("ffn", self.ffn, "FFN channels")
+        _check_amount("hidden", self.hidden, "hidden channels")
+        if self.layers < 0:
+            raise RecipeError(f"layers: {self.layers} must be a count of decoder layers to remove (>= 0)")
+        if self.importance not in self.IMPORTANCE:
+            raise RecipeError(f"importance: {self.importance!r} is not a measure we have; valid: {', '.join(self.IMPORTANCE)}")
+        if self.gqa not in self.GQA:
+            raise RecipeError(f"gqa: {self.gqa!r} is not a GQA mode; valid: {', '.join(self.GQA)}")
+
+
+@dataclass
+class DistillLoss(_Section):
+    """Weights of the distillation loss terms (see ``hfcompress.distillation``)."""
+
+    kl: float = 1.0  # divergence of the next-token distributions
+    ce: float = 0.0  # cross-entropy on the text itself
+    hidden: float = 0.0  # hidden-state MSE over layer_map
+    attention: float = 0.0  # attention-map KL over layer_map (eager attention)
+
+    def validate(self):
+        weights = (self.kl, self.ce, self.hidden, self.attention)
+        if min(weights) < 0 or not any(weights):
+            raise RecipeError("loss: weights must be >= 0 and at least one positive (kl, ce, hidden, attention)")
+
+
+@dataclass
+class DistillStage(_Section):
+    """``distill``: train the model (the student) to match a teacher, with ``DistillationTrainer``.
+
+    ``teacher: original`` is the model as it entered the recipe (kept in memory), else a local
+    path or a Hub id. ``data``: a text file or folder, or a ``datasets`` name (default: the
+    recipe's calibration text). Blocks of ``seq_len`` tokens, ``batch_size`` blocks per step.
+    """
+
+    name: ClassVar[str] = "distill"
+    DIVERGENCES: ClassVar[tuple[str, ...]] = ("forward", "reverse", "jsd")
+
+    teacher: str = "original"
+    data: str | None = None
+    steps: int = 100
+    seq_len: int = 512
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.05  # fraction of the steps with a linearly rising learning rate (then cosine decay)
+    temperature: float = 2.0
+    divergence: str = "forward"
+    loss: DistillLoss = field(default_factory=DistillLoss)
+    layer_map: list[list[int]] | None = None  # [[student, teacher], ...] hidden-state indices
+    dtype: str | None = None  # bfloat16: mixed-precision training
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # training text, through the model's tokenizer
+
+    def validate(self):
+        for key in ("steps", "seq_len", "batch_size", "gradient_accumulation"):
+            if getattr(self, key) <= 0:
+                raise RecipeError(f"{key}: {getattr(self, key)} must be positive")
+        if not 0 < self.lr < 1:
+            raise RecipeError(f"lr: {self.lr} must lie in (0, 1)")
+        if not 0 <= self.warmup < 1:
+            raise RecipeError(f"warmup: {self.warmup} must lie in [0, 1): a fraction of the steps")
+        if self.temperature <= 0:
+            raise RecipeError(f"temperature: {self.temperature} must be positive")
+        if self.divergence not in self.DIVERGENCES:
+            raise RecipeError(f"divergence: {self.divergence!r} is not valid; valid: {', '.join(self.DIVERGENCES)}")
+        if self.dtype not in (None, "bfloat16", "float16"):
+            raise RecipeError(f"dtype: {self.dtype!r} is not a training precision; valid: bfloat16, float16 (or null)")
+        for pair in self.layer_map or []:
+            if len(pair) != 2 or min(pair) < 0:
+                raise RecipeError(f"layer_map: {pair!r} is not a [student, teacher] pair of layer indices")
+
+
+# The stage vocabulary: YAML name -> config class. New stages register here.
+STAGES: dict[str, type[_Section]] = {cls.name: cls for cls in (PruneStage, DistillStage, QuantizeStage)}
+
+Stage = PruneStage | DistillStage | QuantizeStage
 
 
 def _parse_stage(item: Any, path: str) -> Stage:

@@ -111,3 +111,17 @@ def test_console_script_exit_codes(tmp_path, tiny_llama_dir):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     usage = subprocess.run(cmd + ["frobnicate"], capture_output=True, text=True)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
+
+
+def test_compress_with_a_prune_recipe_writes_a_plain_checkpoint(tmp_path, tiny_llama_dir, capsys):
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text("calibration: {samples: 4, seq_len: 32}\nstages:\n  - prune: {heads: 3, ffn: 0.25}\n")
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(out), "--no-eval",
+                 "--calibration-data", str(tiny_llama_dir / "tokenizer.json")]) == 0
+    assert "size:" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_attention_heads"] == 3
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quantized"] == [] and summary["by_type"]["float linear"]["params"] > 0

@@ -116,6 +116,22 @@ def test_mse_clipping_search_lowers_weight_error():
     assert bool((searched[0] <= full[0] + 1e-7).all())  # only ever shrinks the range
 
 
+def test_weighted_clipping_search_protects_high_energy_columns():
+    """With column weights, the search trades error in low-energy columns for high-energy ones."""
+    torch.manual_seed(6)
+    w = torch.randn(64, 32)
+    w[:, 0] *= 6  # an outlier column that sees almost no input
+    energy = torch.ones(32)
+    energy[0] = 1e-3
+    plain = find_scale_zero_mse(w, 3, sym=True)
+    weighted = find_scale_zero_mse(w, 3, sym=True, column_weight=energy)
+
+    def err(sz):
+        return ((sz[0][:, None] * (quantize(w, *sz, 7) - sz[1][:, None]) - w).abs().pow(2.4) * energy).sum()
+
+    assert err(weighted) < 0.9 * err(plain)
+
+
 def test_better_than_rtn_on_correlated_inputs():
     torch.manual_seed(5)
     W = torch.randn(64, 128)

@@ -5,7 +5,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfcompress.recipe import CalibrationConfig, QuantizeStage, Recipe, RecipeError, bundled_recipes
+from hfcompress.recipe import CalibrationConfig, PruneStage, QuantizeStage, Recipe, RecipeError, bundled_recipes
 
 
 def quantize(**options):
@@ -28,9 +28,10 @@ def quantize(**options):
     (quantize(sym="yes"), r"quantize\.sym: expected true or false, got 'yes'"),
     (quantize(ignore="lm_head"), r"quantize\.ignore: expected a list, got 'lm_head'"),
     (quantize(ignore=[3]), r"quantize\.ignore\[0\]: expected a string, got 3"),
-    ({"stages": [{"prune": {"heads": 0.25}}]}, r"stages\[0\]: unknown stage 'prune'; valid stages: quantize"),
+    ({"stages": [{"distil": {"steps": 1}}]}, r"stages\[0\]: unknown stage 'distil'; valid stages: prune, distill, quantize"),
+    ({"stages": [{"prune": {"heads": 1.0}}]}, r"stages\[0\]\.prune\.heads: a fraction of 1.0 \(all of them\)"),
     ({"stages": [{"quantize": {}, "prune": {}}]}, r"stages\[0\]: a stage is a mapping with one key"),
-    ({"stages": []}, r"a recipe needs at least one stage; valid stages: quantize"),
+    ({"stages": []}, r"a recipe needs at least one stage; valid stages: prune, distill, quantize"),
     ({"stages": {"quantize": {}}}, r"stages: expected a list of stages"),
     ({"stage": []}, r"recipe stage: unknown key 'stage'; valid keys: calibration, stages"),
     ({"calibration": {"samples": 0}, **quantize()}, r"calibration\.samples: 0 must be positive"),
@@ -79,6 +80,12 @@ def recipes(draw):
         )
         for _ in range(draw(st.integers(1, 3)))
     ]
+    amount = st.one_of(st.integers(0, 64), st.floats(0, 0.999))
+    if draw(st.booleans()):
+        stages.insert(0, PruneStage(
+            heads=draw(amount), ffn=draw(amount), hidden=draw(amount), layers=draw(st.integers(0, 8)),
+            importance=draw(st.sampled_from(PruneStage.IMPORTANCE)), gqa=draw(st.sampled_from(PruneStage.GQA)),
+            uniform=draw(st.booleans()), scores=draw(st.one_of(st.none(), st.text(max_size=12)))))
     calibration = draw(st.one_of(st.none(), st.builds(
         CalibrationConfig, data=st.one_of(st.none(), st.text(max_size=20)), samples=st.integers(1, 512),
         seq_len=st.integers(1, 8192), seed=st.integers(0, 2**31))))

@@ -49,7 +49,7 @@ def _from_pretrained(original, cls, *args, compression=None, **kwargs):
         recipe = Recipe.load(compression)
         model = original(cls, *args, **kwargs)
         tokenizer = None
-        if any(getattr(stage, "method", None) == "gptq" for stage in recipe.stages):
+        if any(stage.needs_calibration for stage in recipe.stages):
             tokenizer = AutoTokenizer.from_pretrained(args[0], gguf_file=kwargs["gguf_file"])
         return compress(model, recipe, tokenizer=tokenizer)
     kwargs["quantization_config"] = CompressionConfig(recipe=compression)

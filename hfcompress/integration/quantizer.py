@@ -2,9 +2,9 @@
 
 - loading a float checkpoint with ``quantization_config=CompressionConfig(recipe)``: the weights
   load as usual, then :func:`hfcompress.compress` runs the recipe;
-- loading a checkpoint saved by hfcompress: the packed modules are rebuilt on the meta device
-  before the weights load, after the checkpoint files are checked for truncation and for the
-  tensors the config promises.
+- loading a checkpoint saved by hfcompress: pruned per-layer shapes and the packed modules are
+  rebuilt on the meta device before the weights load, after the checkpoint files are checked
+  for truncation and for the tensors the config promises.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import FORMAT_VERSION, CompressionConfig
 from ..formats.checkpoint import check_quantized_checkpoint
+from ..pruning.stage import rebuild_pruned_structure
 from ..quantization.stage import rebuild_quantized_modules
 
 
@@ -32,6 +33,7 @@ class CompressionQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
+            rebuild_pruned_structure(model, self.quantization_config)
             rebuild_quantized_modules(model, self.quantization_config)
             if checkpoint_files:
                 check_quantized_checkpoint(checkpoint_files, model, self.quantization_config)

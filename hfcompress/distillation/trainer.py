@@ -1,0 +1,233 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` whose loss is the teacher's guidance.
+
+Only the loss changes: :meth:`DistillationTrainer.compute_loss` runs the frozen teacher on the
+same batch and mixes
+
+    kl_weight * T^2 KL(teacher || student at temperature T)     (or reverse KL, or JSD)
+  + ce_weight * cross-entropy on the labels
+  + hidden_weight * MSE(projection(student hidden), teacher hidden), over ``layer_map``
+  + attention_weight * KL(teacher attention || student attention), over ``layer_map``
+
+so everything else Trainer does keeps working: gradient accumulation, bf16, gradient
+checkpointing, evaluation, checkpoints and resume, callbacks, logging, ``accelerate launch``,
+and bitsandbytes' 8-bit optimizers. Every term is a mean over the batch's tokens; with packed
+fixed-length blocks the Trainer's division by the accumulation steps then gives exactly the mean
+over the accumulated batch, on one process or several.
+
+The teacher stays frozen (no gradients, eval mode), in its own dtype and on its own device. When
+widths differ (hidden channels pruned) the hidden-state term learns one linear projection per
+mapped student layer; those projections train with the student (an extra optimizer group) and
+are saved in each checkpoint (``distillation_projections.safetensors``) so that resuming is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+
+from .losses import DIVERGENCES, attention_kl, hidden_mse, logit_divergence
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS_FILE = "distillation_projections.safetensors"
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the distillation loss (``HfArgumentParser`` reads these too)."""
+
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the logit divergence"})
+    kl_weight: float = field(default=1.0, metadata={"help": "weight of the logit divergence"})
+    ce_weight: float = field(default=0.0, metadata={"help": "weight of the cross-entropy on the labels"})
+    hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state MSE"})
+    attention_weight: float = field(default=0.0, metadata={"help": "weight of the attention-map KL (eager attention)"})
+    divergence: str = field(default="forward", metadata={"help": "forward | reverse | jsd"})
+    layer_map: list[list[int]] | None = field(
+        default=None,
+        metadata={"help": "pairs [student, teacher] of hidden-state indices (0: embeddings, i: block i - 1's "
+                          "output); default: the last state of each, plus evenly spaced ones"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: {self.divergence!r} is not valid; valid: {', '.join(DIVERGENCES)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: {self.temperature} must be positive")
+        weights = (self.kl_weight, self.ce_weight, self.hidden_weight, self.attention_weight)
+        if min(weights) < 0 or not any(weights):
+            raise ValueError("distillation loss weights must be >= 0 and at least one positive "
+                             "(kl_weight, ce_weight, hidden_weight, attention_weight)")
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """Student hidden-state index -> teacher index: ``i -> round(i * L_t / L_s)`` for ``i = 1..L_s``.
+
+    >>> default_layer_map(2, 4)
+    {1: 2, 2: 4}
+    """
+    return {i: round(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)}
+
+
+def load_teacher(teacher: PreTrainedModel | str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """A model object, or a local path / Hub id loaded with ``AutoModelForCausalLM``."""
+    if isinstance(teacher, nn.Module):
+        return teacher
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(teacher, dtype=kwargs.pop("dtype", "auto"), **kwargs)
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
+    """Distillation compares token distributions: both models must read and write the same tokens."""
+    if student_tokenizer is None or teacher_tokenizer is None:
+        return
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            "the student's and the teacher's tokenizers differ (vocabularies of "
+            f"{len(student_tokenizer)} and {len(teacher_tokenizer)} tokens); distill from a teacher of the same "
+            "family and tokenizer"
+        )
+
+
+class _SaveProjections(TrainerCallback):
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.projections is not None and state.is_world_process_zero:
+            from safetensors.torch import save_file
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainer.projections.state_dict().items()}
+            save_file(tensors, str(folder / PROJECTIONS_FILE))
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` with a distillation loss from ``teacher_model`` (a model, a path or a Hub id).
+
+    ``args`` should be :class:`DistillationTrainingArguments`; plain ``TrainingArguments`` mean
+    the defaults (forward KL at temperature 2). ``teacher_tokenizer``, when given, is checked
+    against ``processing_class``.
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns per-batch means; Trainer divides by the steps
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *, teacher_model, teacher_tokenizer=None,
+                 **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        if not isinstance(self.args, DistillationTrainingArguments):
+            defaults = DistillationTrainingArguments(output_dir=self.args.output_dir)
+            for name in ("temperature", "kl_weight", "ce_weight", "hidden_weight", "attention_weight",
+                         "divergence", "layer_map"):
+                setattr(self.args, name, getattr(defaults, name))
+        teacher = load_teacher(teacher_model)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        self.teacher = teacher
+        student_vocab = self.model.get_output_embeddings().weight.shape[0]
+        teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+        if student_vocab != teacher_vocab:
+            raise ValueError(f"the student's vocabulary ({student_vocab}) and the teacher's ({teacher_vocab}) differ; "
+                             "distill from a teacher with the same tokenizer")
+        check_same_tokenizer(self.processing_class, teacher_tokenizer)
+        self.layer_map = self._layer_map()
+        self.projections = self._projections()
+        if self.projections is not None:
+            self.add_callback(_SaveProjections(self))
+
+    # --- what compute_loss needs ------------------------------------------------------------------
+    def _layer_map(self) -> dict[int, int]:
+        if self.args.layer_map:
+            return {int(s): int(t) for s, t in self.args.layer_map}
+        return default_layer_map(self.model.config.num_hidden_layers, self.teacher.config.num_hidden_layers)
+
+    def _projections(self) -> nn.ModuleDict | None:
+        if self.args.hidden_weight == 0:
+            return None
+        student_width = self.model.config.hidden_size
+        teacher_width = self.teacher.config.hidden_size
+        if student_width == teacher_width:
+            return None
+        device = next(self.model.parameters()).device
+        torch.manual_seed(self.args.seed)
+        return nn.ModuleDict({str(s): nn.Linear(student_width, teacher_width, bias=False, device=device)
+                              for s in self.layer_map})
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.projections is not None:
+            self.projections.to(self.args.device)
+            self.optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PROJECTIONS_FILE
+        if self.projections is not None and path.exists():
+            from safetensors.torch import load_file
+
+            self.projections.load_state_dict(load_file(str(path)))
+
+    def _teacher_outputs(self, inputs: dict, hidden: bool, attentions: bool):
+        device = next(self.teacher.parameters()).device
+        batch = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            return self.teacher(**batch, output_hidden_states=hidden, output_attentions=attentions, use_cache=False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        hidden = args.hidden_weight > 0
+        attentions = args.attention_weight > 0
+        labels = inputs.get("labels")
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**batch, output_hidden_states=hidden, output_attentions=attentions, use_cache=False)
+        teacher = self._teacher_outputs(inputs, hidden, attentions)
+        mask = inputs.get("attention_mask")
+        device = outputs.logits.device
+        losses = {}
+        if args.kl_weight:
+            losses["kl"] = logit_divergence(outputs.logits, teacher.logits.to(device), args.temperature,
+                                            args.divergence, mask)
+        if args.ce_weight:
+            if labels is None:
+                raise ValueError("ce_weight > 0 needs labels in the batch")
+            logits = outputs.logits[:, :-1].float()
+            losses["ce"] = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
+        if hidden:
+            losses["hidden"] = hidden_mse(outputs.hidden_states, [h.to(device) for h in teacher.hidden_states],
+                                          self.layer_map, self.projections, mask)
+        if attentions:
+            block_map = {s - 1: t - 1 for s, t in self.layer_map.items() if s > 0 and t > 0}
+            losses["attention"] = attention_kl(outputs.attentions, [a.to(device) for a in teacher.attentions],
+                                               block_map, mask)
+        weights = {"kl": args.kl_weight, "ce": args.ce_weight, "hidden": args.hidden_weight,
+                   "attention": args.attention_weight}
+        loss = sum(weights[name] * value for name, value in losses.items())
+        if model.training:
+            self._record_terms(losses)
+        return (loss, outputs) if return_outputs else loss
+
+    # --- logging: each term's running mean beside Trainer's own loss ------------------------------
+    def _record_terms(self, losses: dict[str, torch.Tensor]) -> None:
+        sums = getattr(self, "_term_sums", None)
+        if sums is None:
+            sums = self._term_sums = {}
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        self._term_count = getattr(self, "_term_count", 0) + 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if getattr(self, "_term_count", 0) and "loss" in logs:
+            for name, total in self._term_sums.items():
+                logs[f"loss_{name}"] = round(total / self._term_count, 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,217 @@
+"""How much each head, FFN channel, hidden channel and layer matters, three ways.
+
+- ``activation`` (Minitron, Muralidharan et al., 2024): from calibration windows run one block
+  at a time (as the GPTQ runner does). A head scores the mean L2 norm of its output before the
+  output projection; an FFN channel the mean absolute value of its intermediate (post-activation)
+  feature; a hidden channel the mean absolute value of the normalization outputs, summed over
+  the blocks' norms.
+- ``magnitude``: weights only: the squared norm of what a unit owns (a head's query rows and
+  output-projection columns, a key/value head's key and value rows, a channel's FFN rows and
+  column, a hidden channel's embedding column).
+- ``taylor`` (first order; Molchanov et al., 2019; LLM-Pruner): ``|sum of w * dL/dw|`` over a
+  unit's weights, the loss change that removing it predicts, with the gradients of the language
+  modelling loss summed over the calibration windows.
+
+Layers always score by Block Influence (ShortGPT, Men et al., 2024): one minus the mean cosine
+similarity between a block's input and output hidden states, measured on calibration windows;
+a block that barely changes its input is the cheapest to drop.
+
+Scores may be signed (taylor sums); selection compares ``abs`` of the sums over a unit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import capture_block_inputs, run_block
+from ..models import decoder_blocks, linear_weight
+from .layout import Family, PruningError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Scores:
+    """Per-layer importance: query heads ``[H]``, key/value heads ``[KV]`` (what a key/value head
+    adds beyond its query heads), FFN channels ``[F]``; per-model hidden channels and layers."""
+
+    method: str
+    heads: list[torch.Tensor] = field(default_factory=list)
+    kv_heads: list[torch.Tensor] = field(default_factory=list)
+    ffn: list[torch.Tensor] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+    layers: torch.Tensor | None = None
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (h, kv, f) in enumerate(zip(self.heads, self.kv_heads, self.ffn)):
+            out.update({f"{i}.heads": h, f"{i}.kv_heads": kv, f"{i}.ffn": f})
+        if self.hidden is not None:
+            out["hidden"] = self.hidden
+        if self.layers is not None:
+            out["layers"] = self.layers
+        return {k: v.float().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, method: str, tensors: dict[str, torch.Tensor]) -> Scores:
+        n = sum(1 for k in tensors if k.endswith(".heads"))
+        return cls(method, [tensors[f"{i}.heads"] for i in range(n)], [tensors[f"{i}.kv_heads"] for i in range(n)],
+                   [tensors[f"{i}.ffn"] for i in range(n)], tensors.get("hidden"), tensors.get("layers"))
+
+
+def _norm_modules(family: Family, block: nn.Module) -> list[nn.Module]:
+    return [block.get_submodule(path) for path in family.norms]
+
+
+@torch.no_grad()
+def activation_scores(model: nn.Module, family: Family, windows: torch.Tensor, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None, hidden: bool = False) -> Scores:
+    """Activation importance and Block Influence, one block at a time on ``device``."""
+    blocks = decoder_blocks(model)
+    offload = next(model.parameters()).device
+    device = device or offload
+    inputs = capture_block_inputs(model, blocks[0], windows, device, offload)
+    scores = Scores("activation")
+    influence = []
+    hidden_sum = None
+    for block in tqdm(blocks, desc="importance (activation)", unit="layer"):
+        block.to(device)
+        hd = family.head_dim(block)
+        sizes = family.sizes(block)
+        sums = {"heads": torch.zeros(sizes.heads, device=device), "ffn": torch.zeros(sizes.ffn, device=device),
+                "tokens": 0, "cos": 0.0, "hidden": None}
+
+        def head_hook(module, args):
+            x = args[0].detach().float().reshape(-1, sizes.heads, hd)
+            sums["heads"] += x.norm(dim=-1).sum(0)
+            sums["tokens"] += x.shape[0]
+
+        def ffn_hook(module, args):
+            sums["ffn"] += args[0].detach().float().reshape(-1, sizes.ffn).abs().sum(0)
+
+        def norm_hook(module, args, output):
+            x = output.detach().float().reshape(-1, output.shape[-1]).abs().mean(0)
+            sums["hidden"] = x if sums["hidden"] is None else sums["hidden"] + x
+
+        def observe(x, out):
+            cos = torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1)
+            sums["cos"] += float(cos.mean())
+
+        handles = [block.get_submodule(family.out).register_forward_pre_hook(head_hook),
+                   block.get_submodule(family.ffn_out).register_forward_pre_hook(ffn_hook)]
+        if hidden:
+            handles += [norm.register_forward_hook(norm_hook) for norm in _norm_modules(family, block)]
+        try:
+            run_block(block, inputs, device, update=True, dtype=dtype, observe=observe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        block.to(offload)
+        tokens = max(sums["tokens"], 1)
+        scores.heads.append((sums["heads"] / tokens).cpu())
+        scores.kv_heads.append(torch.zeros(sizes.kv_heads))
+        scores.ffn.append((sums["ffn"] / tokens).cpu())
+        influence.append(1 - sums["cos"] / len(windows))
+        if hidden:
+            layer_hidden = sums["hidden"].cpu() / len(windows)
+            hidden_sum = layer_hidden if hidden_sum is None else hidden_sum + layer_hidden
+    scores.layers = torch.tensor(influence)
+    scores.hidden = hidden_sum
+    return scores
+
+
+def _weight_scores(model: nn.Module, family: Family, per_weight) -> Scores:
+    """Sum ``per_weight(module)`` (a tensor shaped like the ``[out, in]`` weight) over each unit."""
+    scores = Scores("")
+    for block in decoder_blocks(model):
+        hd = family.head_dim(block)
+        sizes = family.sizes(block)
+        out = per_weight(block.get_submodule(family.out))  # [hidden, H * hd]
+        heads = out.reshape(out.shape[0], sizes.heads, hd).sum(dim=(0, 2))
+        if len(family.qkv) == 1:  # fused [q | k | v]: a head owns its rows in all three
+            qkv = per_weight(block.get_submodule(family.qkv[0])).sum(1).reshape(3, sizes.heads, hd)
+            heads = heads + qkv.sum(dim=(0, 2))
+            kv_heads = torch.zeros(sizes.kv_heads)
+        else:
+            q, k, v = (per_weight(block.get_submodule(p)).sum(1) for p in family.qkv)
+            heads = heads + q.reshape(sizes.heads, hd).sum(1)
+            kv_heads = (k + v).reshape(sizes.kv_heads, hd).sum(1)
+        ffn = per_weight(block.get_submodule(family.ffn_out)).sum(0)
+        for path in family.ffn_in:
+            ffn = ffn + per_weight(block.get_submodule(path)).sum(1)
+        scores.heads.append(heads.float().cpu())
+        scores.kv_heads.append(kv_heads.float().cpu())
+        scores.ffn.append(ffn.float().cpu())
+    return scores
+
+
+def _embedding_columns(model: nn.Module, per_weight) -> torch.Tensor:
+    embed = model.get_input_embeddings()
+    return per_weight(embed).sum(0).float().cpu()
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module, family: Family, hidden: bool = False) -> Scores:
+    """Squared weight norms of each unit's slices."""
+
+    def squared(module):
+        weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+        return weight.detach().float() ** 2
+
+    scores = _weight_scores(model, family, squared)
+    scores.method = "magnitude"
+    if hidden:
+        scores.hidden = _embedding_columns(model, squared)
+    return scores
+
+
+def taylor_scores(model: nn.Module, family: Family, windows: torch.Tensor, hidden: bool = False) -> Scores:
+    """First-order Taylor importance from the gradients of the LM loss summed over ``windows``."""
+    if not (hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None):
+        raise PruningError(
+            f"importance: taylor needs a language-modelling loss, and {type(model).__name__} has no LM head; "
+            "load the model with its head (AutoModelForCausalLM / AutoModelForMaskedLM) or use importance: "
+            "activation or magnitude"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            for window in tqdm(windows, desc="importance (taylor)", unit="window"):
+                ids = window[None].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+
+        def first_order(module):
+            weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+            grad = weight.grad if isinstance(module, nn.Embedding) else linear_weight_grad(module)
+            return weight.detach().float() * grad.float()
+
+        scores = _weight_scores(model, family, first_order)
+        scores.method = "taylor"
+        if hidden:
+            scores.hidden = _embedding_columns(model, first_order)
+    finally:
+        for name, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved[name])
+        model.train(was_training)
+    return scores
+
+
+def linear_weight_grad(module: nn.Module) -> torch.Tensor:
+    """The gradient of a linear layer's weight as ``[out, in]`` (``Conv1D`` stores ``[in, out]``)."""
+    grad = module.weight.grad
+    if grad is None:
+        raise PruningError(f"{type(module).__name__} received no gradient: is it used by the forward pass?")
+    return grad if isinstance(module, nn.Linear) else grad.t()

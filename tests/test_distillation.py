@@ -1,0 +1,173 @@
+"""DistillationTrainer on tiny models: the loss falls, the teacher stays frozen, resume is exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import hfcompress
+from hfcompress.distillation import DistillationTrainer, DistillationTrainingArguments, PackedBlocks
+
+IDS = torch.randint(0, 300, (64 * 32,), generator=torch.Generator().manual_seed(0))
+
+
+def teacher_and_student(hidden: float = 0):
+    teacher = tiny_llama()
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(5)  # peaked next-token distributions: a random model's are near uniform
+    student = copy.deepcopy(teacher)
+    stage = {"heads": 3, "ffn": 0.5, "importance": "magnitude"}
+    if hidden:
+        stage["hidden"] = hidden
+    hfcompress.compress(student, {"stages": [{"prune": stage}]})
+    return teacher, student
+
+
+def arguments(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-3,
+                   lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                   use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    return DistillationTrainingArguments(**{**options, **overrides})
+
+
+def batch_loss(trainer, blocks):
+    batch = {k: torch.stack([blocks[i][k] for i in range(8)]) for k in blocks[0]}
+    trainer.model.eval()
+    with torch.no_grad():
+        return float(trainer.compute_loss(trainer.model, batch))
+
+
+def test_a_few_steps_reduce_the_loss_and_the_teacher_stays_frozen(tmp_path):
+    teacher, student = teacher_and_student()
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    blocks = PackedBlocks(IDS[: 8 * 32], 32)  # one batch, seen every step: the student can match the teacher on it
+    args = arguments(tmp_path, max_steps=30, per_device_train_batch_size=8, ce_weight=0.01)
+    trainer = DistillationTrainer(student, args, teacher_model=teacher, train_dataset=blocks)
+    before = batch_loss(trainer, blocks)
+    trainer.train()
+    assert batch_loss(trainer, blocks) < 0.5 * before
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in frozen.items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    logged = [entry for entry in trainer.state.log_history if "loss_kl" in entry]
+    assert logged and "loss_ce" in logged[0]
+
+
+def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path):
+    blocks = PackedBlocks(IDS, 32)
+    teacher, student = teacher_and_student()
+    straight = DistillationTrainer(copy.deepcopy(student), arguments(tmp_path / "a"), teacher_model=teacher,
+                                   train_dataset=blocks)
+    straight.train()
+    first = DistillationTrainer(copy.deepcopy(student), arguments(tmp_path / "b", max_steps=6, save_strategy="steps",
+                                                                  save_steps=3), teacher_model=teacher,
+                                train_dataset=blocks)
+    first.train()
+    resumed_model = copy.deepcopy(student)
+    resumed = DistillationTrainer(resumed_model, arguments(tmp_path / "b"), teacher_model=teacher, train_dataset=blocks)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-3"))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_hidden_states_of_a_narrower_student_go_through_learned_projections(tmp_path):
+    teacher, student = teacher_and_student(hidden=0.25)
+    blocks = PackedBlocks(IDS, 32)
+    args = arguments(tmp_path, hidden_weight=1.0, save_strategy="steps", save_steps=3)
+    trainer = DistillationTrainer(student, args, teacher_model=teacher, train_dataset=blocks)
+    assert set(trainer.projections) == {"1", "2"}
+    start = {k: v.clone() for k, v in trainer.projections.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(v, trainer.projections.state_dict()[k]) for k, v in start.items())
+    assert (tmp_path / "run" / "checkpoint-3" / "distillation_projections.safetensors").exists()
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_other_divergences_train(tmp_path, divergence):
+    teacher, student = teacher_and_student()
+    DistillationTrainer(student, arguments(tmp_path, max_steps=2, divergence=divergence), teacher_model=teacher,
+                        train_dataset=PackedBlocks(IDS, 32)).train()
+
+
+def test_mismatched_teachers_and_arguments_are_clear_errors(tmp_path, tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    teacher, student = teacher_and_student()
+    other = tiny_llama(vocab_size=400)
+    with pytest.raises(ValueError, match="vocabulary"):
+        DistillationTrainer(student, arguments(tmp_path), teacher_model=other, train_dataset=PackedBlocks(IDS, 32))
+    different = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tokenizer.backend_tokenizer), eos_token="<eos>")
+    different.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        DistillationTrainer(student, arguments(tmp_path), teacher_model=teacher, processing_class=tokenizer,
+                            teacher_tokenizer=different, train_dataset=PackedBlocks(IDS, 32))
+    with pytest.raises(ValueError, match="divergence"):
+        arguments(tmp_path, divergence="kl")
+    with pytest.raises(ValueError, match="at least one positive"):
+        arguments(tmp_path, kl_weight=0.0)
+
+
+def test_prune_distill_quantize_in_one_recipe(tmp_path):
+    """The recipe stage: the pruned student moves toward the original, then quantizes and reloads."""
+    teacher = tiny_llama()
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(5)
+    model = copy.deepcopy(teacher)
+    data = IDS[: 8 * 32].view(8, 32)
+    prune = {"prune": {"heads": 3, "ffn": 0.5, "importance": "magnitude"}}
+    pruned = hfcompress.compress(copy.deepcopy(model), {"stages": [prune]})
+    recipe = {"stages": [prune,
+                         {"distill": {"teacher": "original", "steps": 30, "seq_len": 32, "batch_size": 8, "lr": 3e-3,
+                                      "warmup": 0.0, "loss": {"kl": 1.0}}},
+                         {"quantize": {"method": "rtn", "bits": 8, "group_size": 32}}]}
+    hfcompress.compress(model, recipe, calibration_data=data)
+    from hfcompress.distillation import logit_divergence
+
+    with torch.no_grad():
+        target = teacher(data).logits
+        before = float(logit_divergence(pruned(data).logits, target, 2.0))
+        after = float(logit_divergence(model(data).logits, target, 2.0))
+    assert after < 0.5 * before
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(type(model).from_pretrained(tmp_path)(data).logits, model(data).logits)
+
+
+def test_distill_after_quantize_is_refused():
+    recipe = {"stages": [{"quantize": {"bits": 8, "group_size": 32}}, {"distill": {"steps": 1, "seq_len": 16}}]}
+    with pytest.raises(hfcompress.errors.UserError, match="before quantize"):
+        hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))
+
+
+def test_two_accelerate_processes_match_one_with_twice_the_accumulation(tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo) against one process with 2x accumulation:
+    the same 4 blocks per step, so the same losses and weights up to float summation order."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "distill_run.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one" / "result.json"
+    two = tmp_path / "two" / "result.json"
+    one.parent.mkdir()
+    two.parent.mkdir()
+    subprocess.run([sys.executable, str(script), "--output", str(one), "--accumulation", "2"], check=True, env=env,
+                   capture_output=True)
+    # accelerate 1.x starts several CPU processes through its torchrun launcher (named --multi_gpu; without
+    # GPUs the processes join a gloo group) or through mpirun; its --cpu flag alone runs one process.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    result = subprocess.run([*launch, str(script), "--output", str(two)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["processes"] == 2 and a["processes"] == 1
+    assert len(a["losses"]) == len(b["losses"]) == 4
+    for x, y in zip(a["losses"], b["losses"]):
+        assert abs(x - y) <= 1e-4 * abs(x) + 2e-4  # Trainer logs losses rounded to 4 decimals
+    assert abs(a["weights_abs_sum"] - b["weights_abs_sum"]) <= 1e-5 * a["weights_abs_sum"]
