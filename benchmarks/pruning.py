@@ -38,7 +38,9 @@ def parse_args():
     parser.add_argument("--importance", nargs="+", default=["activation", "taylor", "magnitude"])
     parser.add_argument("--eval-windows", type=int, help="evaluate only the first N WikiText-2 windows")
     parser.add_argument("--speed-tokens", type=int, nargs="+", default=[128, 2048], help="forward lengths timed")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="0: do not time forward passes")
+    parser.add_argument("--skip-original-eval", action="store_true",
+                        help="do not evaluate the unpruned model (another run already did)")
     parser.add_argument("--minilm-sentences", type=int, default=1000)
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-minilm", action="store_true")
@@ -86,8 +88,9 @@ def smollm2(args, results):
         "evaluation": f"WikiText-2 raw test, 2048-token windows, {args.eval_windows or 'all'} windows",
         "torch_threads": torch.get_num_threads()}, "models": {}}
     original = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    out["models"]["original"] = {"parameters": parameters(original), "wikitext2_ppl": ppl(original),
-                                 "weights_bytes": weights_bytes(checkpoint)}
+    out["models"]["original"] = {"parameters": parameters(original), "weights_bytes": weights_bytes(checkpoint)}
+    if not args.skip_original_eval:
+        out["models"]["original"]["wikitext2_ppl"] = ppl(original)
     print(json.dumps({"original": out["models"]["original"]}), flush=True)
     pruned_models = {}
     for importance in args.importance:
@@ -110,6 +113,8 @@ def smollm2(args, results):
         out["models"][f"pruned_{importance}"] = entry
         print(json.dumps({f"pruned_{importance}": entry}), flush=True)
         pruned_models[importance] = model
+    if not args.repeats:
+        return
     chosen = "activation" if "activation" in pruned_models else next(iter(pruned_models), None)
     timed = {"original": original, **({f"pruned_{chosen}": pruned_models[chosen]} if chosen else {})}
     speed = forward_medians(timed, args.speed_tokens, args.repeats)

@@ -171,3 +171,25 @@ def test_two_accelerate_processes_match_one_with_twice_the_accumulation(tmp_path
     for x, y in zip(a["losses"], b["losses"]):
         assert abs(x - y) <= 1e-4 * abs(x) + 2e-4  # Trainer logs losses rounded to 4 decimals
     assert abs(a["weights_abs_sum"] - b["weights_abs_sum"]) <= 1e-5 * a["weights_abs_sum"]
+
+
+def test_bitsandbytes_8bit_optimizer_trains_the_student(tmp_path):
+    teacher, student = teacher_and_student()
+    start = student.model.layers[0].mlp.down_proj.weight.detach().clone()
+    args = arguments(tmp_path, max_steps=2, optim="adamw_bnb_8bit")
+    trainer = DistillationTrainer(student, args, teacher_model=teacher, train_dataset=PackedBlocks(IDS, 32))
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    assert not torch.equal(student.model.layers[0].mlp.down_proj.weight, start)
+
+
+def test_distill_stage_while_loading(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    recipe = {"calibration": {"samples": 4, "seq_len": 32},
+              "stages": [{"prune": {"heads": 3, "importance": "magnitude"}},
+                         {"distill": {"steps": 2, "seq_len": 32, "batch_size": 2}}]}
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=recipe)
+    assert model.config.num_attention_heads == 3
+    assert getattr(model.config, "quantization_config", None) is None  # a plain checkpoint again

@@ -8,15 +8,16 @@
 - ``magnitude``: weights only: the squared norm of what a unit owns (a head's query rows and
   output-projection columns, a key/value head's key and value rows, a channel's FFN rows and
   column, a hidden channel's embedding column).
-- ``taylor`` (first order; Molchanov et al., 2019; LLM-Pruner): ``|sum of w * dL/dw|`` over a
-  unit's weights, the loss change that removing it predicts, with the gradients of the language
-  modelling loss summed over the calibration windows.
+- ``taylor`` (first order; Molchanov et al., 2019; LLM-Pruner): ``(sum of w * dL/dw)**2`` over a
+  head's, key/value head's or channel's weights, the squared loss change that removing it
+  predicts, from the gradients of the language-modelling loss on each calibration window,
+  averaged over windows.
 
 Layers always score by Block Influence (ShortGPT, Men et al., 2024): one minus the mean cosine
 similarity between a block's input and output hidden states, measured on calibration windows;
 a block that barely changes its input is the cheapest to drop.
 
-Scores may be signed (taylor sums); selection compares ``abs`` of the sums over a unit.
+All three measures are non-negative; a removable unit (a GQA group, say) scores the sum of its parts.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def magnitude_scores(model: nn.Module, family: Family, hidden: bool = False) -> 
 
 
 def taylor_scores(model: nn.Module, family: Family, windows: torch.Tensor, hidden: bool = False) -> Scores:
-    """First-order Taylor importance from the gradients of the LM loss summed over ``windows``."""
+    """First-order Taylor importance: per window, ``(sum of w * dL/dw)**2`` over each head, key/value
+    head and channel, averaged over ``windows`` (Molchanov et al., 2019)."""
     if not (hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None):
         raise PruningError(
             f"importance: taylor needs a language-modelling loss, and {type(model).__name__} has no LM head; "
@@ -185,28 +187,45 @@ def taylor_scores(model: nn.Module, family: Family, windows: torch.Tensor, hidde
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
+
+    def first_order(module):
+        weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+        grad = weight.grad if isinstance(module, nn.Embedding) else linear_weight_grad(module)
+        return weight.detach().float() * grad.float()
+
+    scores = Scores("taylor")
     try:
-        with torch.enable_grad():
-            for window in tqdm(windows, desc="importance (taylor)", unit="window"):
-                ids = window[None].to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-
-        def first_order(module):
-            weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
-            grad = weight.grad if isinstance(module, nn.Embedding) else linear_weight_grad(module)
-            return weight.detach().float() * grad.float()
-
-        scores = _weight_scores(model, family, first_order)
-        scores.method = "taylor"
-        if hidden:
-            scores.hidden = _embedding_columns(model, first_order)
+        for window in tqdm(windows, desc="importance (taylor)", unit="window"):
+            ids = window[None].to(device)
+            with torch.enable_grad():
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            # Per window, the squared first-order loss change of removing each head, key/value head
+            # and channel, averaged over windows: signs differ between windows, squares do not cancel.
+            window_scores = _weight_scores(model, family, first_order)
+            if hidden:
+                window_scores.hidden = _embedding_columns(model, first_order)
+            _accumulate_squares(scores, window_scores, 1 / len(windows))
+            for p in model.parameters():
+                p.grad = None
     finally:
         for name, p in model.named_parameters():
             p.grad = None
             p.requires_grad_(saved[name])
         model.train(was_training)
     return scores
+
+
+def _accumulate_squares(total: Scores, window: Scores, weight: float) -> None:
+    for name in ("heads", "kv_heads", "ffn"):
+        parts = getattr(window, name)
+        if not getattr(total, name):
+            setattr(total, name, [weight * t**2 for t in parts])
+        else:
+            for acc, t in zip(getattr(total, name), parts):
+                acc += weight * t**2
+    if window.hidden is not None:
+        squared = weight * window.hidden**2
+        total.hidden = squared if total.hidden is None else total.hidden + squared
 
 
 def linear_weight_grad(module: nn.Module) -> torch.Tensor:

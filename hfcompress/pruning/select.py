@@ -38,8 +38,10 @@ def remove_count(amount: float | int, total: int, unit: int, what: str) -> int:
         raise PruningError(f"{what}: cannot remove {amount} of {total}: a layer has only {total} {what}")
     units = round(wanted / unit)
     if units * unit != wanted:
-        logger.warning("%s: removing %s of %d is not a whole number of units of %d; rounding to %d",
-                       what, f"{wanted:g}", total, unit, units * unit)
+        # 0.3334 of 9 heads is 3 for all purposes: only a real rounding is a warning.
+        level = logging.WARNING if abs(units * unit - wanted) >= 0.05 * unit else logging.INFO
+        logger.log(level, "%s: removing %s of %d is not a whole number of units of %d; rounding to %d",
+                   what, f"{wanted:g}", total, unit, units * unit)
     if units * unit >= total:
         raise PruningError(
             f"{what}: removing {units * unit} of {total} leaves none; ask for fewer (a fraction below "
