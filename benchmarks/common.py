@@ -60,6 +60,18 @@ def save_windows(tokenizer, data: Path, samples: int, seq_len: int, seed: int, p
     return windows
 
 
+def base_parser(doc: str, work: str):
+    """The arguments every benchmark shares: scratch folder, shared data, evaluation windows, JSON output."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=BENCH_HOME / work, help="scratch folder")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+    parser.add_argument("--eval-windows", type=int, help="evaluate only the first N WikiText-2 windows")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
 def python() -> str:
     return sys.executable
 

@@ -13,7 +13,6 @@ teacher, the pruned, the fine-tuned and the distilled models, and the training w
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -24,13 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_HOME, REPO, prepare_checkpoint, save_windows, write_json  # noqa: E402
+from common import base_parser, prepare_checkpoint, save_windows, write_json  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=BENCH_HOME / "distill-run", help="scratch folder")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+    parser = base_parser(__doc__, "distill-run")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training budget in tokens")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -38,9 +35,7 @@ def parse_args():
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--bf16", action="store_true", help="train with bfloat16 autocast")
-    parser.add_argument("--eval-windows", type=int, help="evaluate only the first N WikiText-2 windows")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows for the pruning importance")
-    parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
 

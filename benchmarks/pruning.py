@@ -13,7 +13,6 @@ with the original's on sentences of the sixth (Persuasion).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -26,17 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_HOME, REPO, prepare_checkpoint, save_windows, weights_bytes, write_json  # noqa: E402
+from common import base_parser, prepare_checkpoint, save_windows, weights_bytes, write_json  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=BENCH_HOME / "pruning-run", help="scratch folder")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+    parser = base_parser(__doc__, "pruning-run")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--importance", nargs="+", default=["activation", "taylor", "magnitude"])
-    parser.add_argument("--eval-windows", type=int, help="evaluate only the first N WikiText-2 windows")
     parser.add_argument("--speed-tokens", type=int, nargs="+", default=[128, 2048], help="forward lengths timed")
     parser.add_argument("--repeats", type=int, default=5, help="0: do not time forward passes")
     parser.add_argument("--skip-original-eval", action="store_true",
@@ -44,7 +40,6 @@ def parse_args():
     parser.add_argument("--minilm-sentences", type=int, default=1000)
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-minilm", action="store_true")
-    parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
 

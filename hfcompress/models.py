@@ -54,6 +54,15 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
+def model_configs(model: nn.Module) -> list:
+    """The model's config and, for multimodal models, its text config (each once): where sizes live."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return list({id(c): c for c in (config, text)}.values())
+
+
 def output_embedding_names(model: nn.Module) -> set[str]:
     """Names of the modules that produce the logits (``lm_head``), if the model has one."""
     get = getattr(model, "get_output_embeddings", None)

@@ -142,6 +142,14 @@ def test_distill_after_quantize_is_refused():
         hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_accelerate_processes_match_one_with_twice_the_accumulation(tmp_path):
     """``accelerate launch`` with 2 CPU processes (gloo) against one process with 2x accumulation:
     the same 4 blocks per step, so the same losses and weights up to float summation order."""
@@ -162,7 +170,7 @@ def test_two_accelerate_processes_match_one_with_twice_the_accumulation(tmp_path
     # accelerate 1.x starts several CPU processes through its torchrun launcher (named --multi_gpu; without
     # GPUs the processes join a gloo group) or through mpirun; its --cpu flag alone runs one process.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     result = subprocess.run([*launch, str(script), "--output", str(two)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())

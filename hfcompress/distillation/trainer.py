@@ -137,6 +137,8 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"the student's vocabulary ({student_vocab}) and the teacher's ({teacher_vocab}) differ; "
                              "distill from a teacher with the same tokenizer")
         check_same_tokenizer(self.processing_class, teacher_tokenizer)
+        self._term_sums: dict[str, float] = {}
+        self._term_count = 0
         self.layer_map = self._layer_map()
         self.projections = self._projections()
         if self.projections is not None:
@@ -218,15 +220,12 @@ class DistillationTrainer(Trainer):
 
     # --- logging: each term's running mean beside Trainer's own loss ------------------------------
     def _record_terms(self, losses: dict[str, torch.Tensor]) -> None:
-        sums = getattr(self, "_term_sums", None)
-        if sums is None:
-            sums = self._term_sums = {}
         for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-        self._term_count = getattr(self, "_term_count", 0) + 1
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+        self._term_count += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if getattr(self, "_term_count", 0) and "loss" in logs:
+        if self._term_count and "loss" in logs:
             for name, total in self._term_sums.items():
                 logs[f"loss_{name}"] = round(total / self._term_count, 6)
             self._term_sums, self._term_count = {}, 0

@@ -65,15 +65,13 @@ def head_units(sizes: LayerSizes, heads: torch.Tensor, kv_heads: torch.Tensor, g
     if gqa == "groups":
         for j in range(KV):
             members = list(range(j * rep, (j + 1) * rep))
-            units.append(Unit(float(heads[members].sum() + kv_heads[j]), members, [j]))
+            units.append(Unit(abs(float(heads[members].sum() + kv_heads[j])), members, [j]))
     else:
         order = [sorted(range(j * rep, (j + 1) * rep), key=lambda h: abs(float(heads[h]))) for j in range(KV)]
         for k in range(rep):
             members = sorted(group[k] for group in order)
             units.append(Unit(sum(abs(float(heads[h])) for h in members), members, []))
         return units  # slots must go in order: the k-th least important of each group before the (k+1)-th
-    for unit in units:
-        unit.score = abs(unit.score)
     return sorted(units, key=lambda u: u.score)
 
 
@@ -97,9 +95,11 @@ def choose(per_layer: list[list[float]], remove_per_layer: int, uniform: bool, o
         candidates += [(scores[i], rank, layer, i) for rank, i in enumerate(ranked)]
     candidates.sort()
     removed: list[set[int]] = [set() for _ in per_layer]
+    count = 0
     for score, rank, layer, i in candidates:
-        if sum(map(len, removed)) >= total:
+        if count == total:
             break
         if len(removed[layer]) + 1 < len(per_layer[layer]):  # every layer keeps at least one unit
             removed[layer].add(i)
+            count += 1
     return removed

@@ -24,19 +24,13 @@ import torch
 from torch import nn
 
 from ..config import CompressionConfig
-from ..models import BLOCK_PATHS, decoder_blocks
+from ..models import BLOCK_PATHS, decoder_blocks, model_configs
 from ..recipe import PruneStage
 from .importance import Scores, activation_scores, magnitude_scores, taylor_scores
 from .layout import Family, LayerSizes, PruningError, family_of, keep_inputs, keep_outputs
 from .select import choose, head_units, remove_count
 
 logger = logging.getLogger(__name__)
-
-
-def _configs(model: nn.Module) -> list:
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return list({id(c): c for c in (config, text)}.values())
 
 
 # --- scores -------------------------------------------------------------------------------------
@@ -60,18 +54,18 @@ def compute_scores(model: nn.Module, family: Family, stage: PruneStage, context)
 def load_or_compute_scores(model: nn.Module, family: Family, stage: PruneStage, context) -> Scores:
     """Scores from ``stage.scores`` when that file exists (same measure, same shapes), else computed
     (and written there when a path is given)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     path = Path(stage.scores) if stage.scores else None
     if path is not None and path.exists():
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             method = (f.metadata() or {}).get("importance")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
         if method != stage.importance:
             raise PruningError(f"scores: {path} holds {method!r} importance, the stage asks for {stage.importance!r}; "
                                "delete the file or point scores: elsewhere")
-        scores = Scores.from_tensors(method, load_file(str(path)))
+        scores = Scores.from_tensors(method, tensors)
         blocks = decoder_blocks(model)
         shapes = [family.sizes(b) for b in blocks]
         if len(scores.heads) != len(blocks) or any(
@@ -164,7 +158,7 @@ def _prune_hidden(model: nn.Module, blocks, family: Family, scores: Scores, stag
             keep_inputs(block.get_submodule(path), keep)
         for path in (family.out, family.ffn_out):
             keep_outputs(block.get_submodule(path), keep)
-    for config in _configs(model):
+    for config in model_configs(model):
         config.hidden_size = len(keep)
     logger.info("hidden channels: %d -> %d (importance: %s)", width, len(keep), scores.method)
 
@@ -181,7 +175,7 @@ def _drop_layers(model: nn.Module, blocks: nn.ModuleList, scores: Scores, stage:
                 module.layer_idx = index  # the KV cache is indexed by position in the stack
     base = getattr(model, "base_model", model)
     base.set_submodule(BLOCK_PATHS[model.config.model_type], nn.ModuleList(kept))
-    for config in _configs(model):
+    for config in model_configs(model):
         config.num_hidden_layers = len(kept)
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
@@ -199,7 +193,7 @@ def _write_config(model: nn.Module, family: Family, blocks, config: CompressionC
     """Put uniform, expressible sizes in the model's config; record the rest in ours."""
     sizes = [family.sizes(b) for b in blocks]
     head_dim = family.head_dim(blocks[0])
-    configs = _configs(model)
+    configs = model_configs(model)
     original = family.config_sizes(configs[-1])
     uniform = len(set(sizes)) == 1
     for cfg in configs:
@@ -236,21 +230,20 @@ def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionCo
         )
     scores = load_or_compute_scores(model, family, stage, context)
     pruned_heads, dropped = {}, []
-    with torch.no_grad():
-        if stage.heads:
-            pruned_heads = _prune_heads(blocks, family, scores, stage)
-        if stage.ffn:
-            _prune_ffn(blocks, family, scores, stage)
-        if stage.hidden:
-            _prune_hidden(model, blocks, family, scores, stage)
-        if stage.layers:
-            dropped = _drop_layers(model, blocks, scores, stage)
+    if stage.heads:
+        pruned_heads = _prune_heads(blocks, family, scores, stage)
+    if stage.ffn:
+        _prune_ffn(blocks, family, scores, stage)
+    if stage.hidden:
+        _prune_hidden(model, blocks, family, scores, stage)
+    if stage.layers:
+        dropped = _drop_layers(model, blocks, scores, stage)
     if pruned_heads and not family.plain_heads:
         # transformers' own bookkeeping (config.pruned_heads: layer -> removed heads, original
         # numbering), renumbered past dropped layers. transformers 5 no longer acts on it; the
         # shapes reload from quantization_config.pruned.
         kept = [i for i in range(len(blocks)) if i not in dropped]
-        for cfg in _configs(model):
+        for cfg in model_configs(model):
             cfg.pruned_heads = {str(new): pruned_heads[old] for new, old in enumerate(kept) if pruned_heads.get(old)}
     _write_config(model, family, decoder_blocks(model), config)
 

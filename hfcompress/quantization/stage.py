@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CompressionConfig
-from ..models import find_linear_layers, linear_shape, linear_weight, output_embedding_names
+from ..models import find_linear_layers, linear_shape, linear_weight, model_configs, output_embedding_names
 from ..recipe import QuantizeStage
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
@@ -26,14 +26,13 @@ def untie_output_embeddings(model: nn.Module) -> None:
 
     Quantizing a tied ``lm_head`` would otherwise also change the input embeddings.
     """
-    config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if head is None or embed is None or head.weight is not embed.weight:
         return
     logger.info("lm_head is tied to the input embeddings: untying it so that only lm_head is quantized")
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    for cfg in {id(c): c for c in (config, config.get_text_config() if config is not None else None) if c}.values():
+    for cfg in model_configs(model):
         cfg.tie_word_embeddings = False
     if hasattr(model, "all_tied_weights_keys"):
         model.all_tied_weights_keys = {}
