@@ -31,6 +31,23 @@ from safetensors.torch import load_file, save_file
 from common import BENCH_HOME, REPO, write_json
 
 
+def tie(folder: Path, model=None) -> dict:
+    """Whether a folder declares and stores its embeddings tied, and whether a loaded model ties them."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    keys = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            keys |= set(handle.keys())
+    out = {"config_tie_word_embeddings": config.get("tie_word_embeddings"),
+           "lm_head_tensor_stored": any(k.startswith("lm_head.") for k in keys)}
+    if model is not None:
+        out["loaded_lm_head_is_embeddings"] = (
+            model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
+    return out
+
+
 def compare(theirs: torch.Tensor, ours: torch.Tensor) -> dict:
     return {"max_abs_diff": (theirs.float() - ours).abs().max().item(),
             "same_argmax": round((theirs.argmax(-1) == ours.argmax(-1)).float().mean().item(), 4)}
@@ -57,12 +74,14 @@ def main():
     ours_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     with dispatch.use("reference"):
         ours = ours_model(ids).logits.float()
-    result = {"model": str(args.model), "tokens": args.tokens, "logit_scale": ours.abs().max().item(), "readers": {}}
+    result = {"model": str(args.model), "tokens": args.tokens, "logit_scale": ours.abs().max().item(), "readers": {},
+              "tie": tie(args.model, ours_model)}
 
     ct_dir = export_model(args.model, "compressed-tensors", work / "ct")
     ct = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=torch.float32)
     result["readers"]["compressed-tensors"] = {
         **compare(ct(ids).logits, ours), "loader": "transformers.AutoModelForCausalLM + compressed-tensors",
+        "tie": tie(ct_dir, ct),
         "quantization_config": {k: v for k, v in json.loads((ct_dir / "config.json").read_text())[
             "quantization_config"].items() if k in ("quant_method", "format")}}
 
@@ -77,10 +96,11 @@ def main():
     peer_info = json.loads((work / "gptqmodel.json").read_text())
     theirs = load_file(work / "gptqmodel.safetensors")["logits"]
     with dispatch.use("reference"):  # float16 rounding alone, as the floor for the float16 reader
-        ours16 = ours_model.half()(ids).logits.float()
+        ours16 = torch.nn.Module.half(ours_model)(ids).logits.float()  # transformers' half() refuses quantized models
     result["ours_float16_vs_ours_float32"] = compare(ours16, ours)
     result["readers"]["gptqmodel"] = {
         **compare(theirs, ours), "vs_ours_in_float16": compare(theirs, ours16),
+        "tie": {**tie(gptq_dir), "loaded_lm_head_is_embeddings": peer_info.get("lm_head_is_embeddings")},
         "loader": "GPTQModel.load(backend=BACKEND.TORCH), float16",
         "versions": peer_info.get("versions"), "backend_used": peer_info.get("backend_used")}
     print(json.dumps(result, indent=2))

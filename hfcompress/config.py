@@ -12,6 +12,7 @@ the weights load. In ``config.json`` it reads::
       "quantized": [{"bits": 4, "group_size": 128, "sym": true, "act_order": false,
                      "scale_dtype": "float16", "modules": ["model.layers.0.self_attn.q_proj", ...]}],
       "pruned": {"head_dim": 64, "layers": [{"heads": 6, "kv_heads": 2, "ffn": 1152}, ...]},
+      "shared": {"modules": {"model.layers.1.mlp.up_proj": "model.layers.0.mlp.up_proj", ...}},
       "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
       "metrics": {"perplexity": {...}}
     }
@@ -46,6 +47,7 @@ class CompressionConfig(QuantizationConfigMixin):
         base_model: str | None = None,
         metrics: dict | None = None,
         pruned: dict | None = None,
+        shared: dict | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
@@ -53,7 +55,7 @@ class CompressionConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(
                 f"unknown key(s) in the hfcompress quantization_config: {', '.join(sorted(unknown))}; valid keys: "
-                "quant_method, format_version, recipe, quantized, pruned, base_model, metrics"
+                "quant_method, format_version, recipe, quantized, pruned, shared, base_model, metrics"
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method is {quant_method!r}; CompressionConfig reads {QUANT_METHOD!r} only")
@@ -76,10 +78,13 @@ class CompressionConfig(QuantizationConfigMixin):
         # Per-layer sizes after structured pruning, when the model's config cannot express them:
         # {"head_dim": d, "layers": [{"heads": h, "kv_heads": kv, "ffn": f}, ...]}.
         self.pruned = copy.deepcopy(pruned) if pruned else None
+        # Modules used by several layers, stored once: {"modules": {user: owner}, "lora": {"rank": r,
+        # "modules": [...]}} (see hfcompress.sharing); owners are the names the tensors are saved under.
+        self.shared = copy.deepcopy(shared) if shared else None
 
     def needs_plugin(self) -> bool:
         """Whether reloading needs hfcompress: packed modules, or shapes the config cannot express."""
-        return bool(self.modules or self.pruned)
+        return bool(self.modules or self.pruned or self.shared)
 
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
@@ -98,6 +103,8 @@ class CompressionConfig(QuantizationConfigMixin):
         out["quantized"] = [{**fmt.to_dict(), "modules": names} for fmt, names in groups.items()]
         if self.pruned:
             out["pruned"] = copy.deepcopy(self.pruned)
+        if self.shared:
+            out["shared"] = copy.deepcopy(self.shared)
         if self.base_model is not None:
             out["base_model"] = self.base_model
         if self.metrics:

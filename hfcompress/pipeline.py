@@ -26,6 +26,8 @@ from .config import CompressionConfig
 from .pruning.stage import apply_prune_stage
 from .quantization.stage import apply_quantize_stage
 from .recipe import CalibrationConfig, Recipe
+from .sharing.layers import register_shared_tensors
+from .sharing.stage import apply_share_stage
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def apply_distill_stage(model, stage, config, context) -> None:
 STAGE_RUNNERS: dict[str, Callable] = {
     "prune": apply_prune_stage,
     "distill": apply_distill_stage,
+    "share": apply_share_stage,
     "quantize": apply_quantize_stage,
 }
 
@@ -189,8 +192,9 @@ def compress(
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
     _release_foreign_quantization(model)
     config = config if config is not None else CompressionConfig()
-    if isinstance(previous, CompressionConfig) and previous.pruned and not config.pruned:
-        config.pruned = previous.pruned  # a pruned checkpoint compressed further keeps its shapes on record
+    if isinstance(previous, CompressionConfig):  # a compressed checkpoint compressed further keeps its record
+        config.pruned = config.pruned or previous.pruned
+        config.shared = config.shared or previous.shared
     config.recipe = recipe
     if config.base_model is None:
         config.base_model = base_model_id(model)
@@ -211,6 +215,7 @@ def compress(
         context.stage_index = i - 1
         STAGE_RUNNERS[stage.name](model, stage, config, context)
     context.original_model = None
+    register_shared_tensors(model)  # each shared tensor is saved once
     model.hfcompress_config = config  # what was done, also when nothing needs recording in config.json
     if config.needs_plugin():
         attach_config(model, config)

@@ -309,10 +309,69 @@ class DistillStage(_Section):
                 raise RecipeError(f"layer_map: {pair!r} is not a [student, teacher] pair of layer indices")
 
 
-# The stage vocabulary: YAML name -> config class. New stages register here.
-STAGES: dict[str, type[_Section]] = {cls.name: cls for cls in (PruneStage, DistillStage, QuantizeStage)}
+@dataclass
+class ShareStage(_Section):
+    """``share``: weight sharing; tied embeddings and decoder layers that share weights.
 
-Stage = PruneStage | DistillStage | QuantizeStage
+    ``tie_embeddings`` ties the input embeddings and ``lm_head`` (``input``: both take the input
+    embeddings, ``output``: both take ``lm_head``, ``mean``: their average). ``layers`` lists groups
+    of decoder layers (``[[0, 1], [2, 3]]``), or ``every: k`` groups each k adjacent layers; the
+    ``parts`` of each group (``attention``, ``mlp``) become one set of weights, initialized from the
+    group's mean (``init: mean``) or from one member (``init: 0`` for the first of each group).
+    ``lora_rank > 0`` gives every layer a low-rank correction of its own on top of the shared
+    weights (relaxed sharing), starting at zero. See :mod:`hfcompress.sharing`.
+    """
+
+    name: ClassVar[str] = "share"
+    TIES: ClassVar[tuple[str, ...]] = ("input", "output", "mean")
+    PARTS: ClassVar[tuple[str, ...]] = ("attention", "mlp")
+
+    tie_embeddings: str | None = None
+    layers: list[list[int]] | None = None
+    every: int = 0
+    parts: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+    init: str | int = "mean"
+    lora_rank: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    def validate(self):
+        if self.tie_embeddings is not None and self.tie_embeddings not in self.TIES:
+            raise RecipeError(f"tie_embeddings: {self.tie_embeddings!r} is not valid; valid: {', '.join(self.TIES)}")
+        if self.layers is not None and self.every:
+            raise RecipeError("layers: give either explicit groups (layers) or a group size (every), not both")
+        if self.every < 0 or self.every == 1:
+            raise RecipeError(f"every: {self.every} is not a group size; use 2 or more adjacent layers per group")
+        if self.tie_embeddings is None and self.layers is None and not self.every:
+            raise RecipeError("share: nothing to share; set tie_embeddings, layers or every")
+        seen: dict[int, int] = {}
+        for i, group in enumerate(self.layers or []):
+            if len(group) < 2:
+                raise RecipeError(f"layers: group {group!r} has fewer than two layers; a group shares among 2 or more")
+            for layer in group:
+                if layer < 0:
+                    raise RecipeError(f"layers: {layer} is not a layer index (layers count from 0)")
+                if layer in seen:
+                    where = "twice in the same group" if seen[layer] == i else f"in groups {seen[layer]} and {i}"
+                    raise RecipeError(f"layers: layer {layer} appears {where}; groups must not overlap")
+                seen[layer] = i
+        if not self.parts or len(set(self.parts)) != len(self.parts) or not set(self.parts) <= set(self.PARTS):
+            raise RecipeError(f"parts: {self.parts!r} is not valid; a non-empty list of distinct parts from: "
+                              f"{', '.join(self.PARTS)}")
+        if isinstance(self.init, str) and self.init != "mean":
+            raise RecipeError(f"init: {self.init!r} is not valid; use mean, or the position of one group member (0, 1, ...)")
+        if isinstance(self.init, int) and self.init < 0:
+            raise RecipeError(f"init: {self.init} is not a position in a group (0 is the first member)")
+        if self.lora_rank < 0:
+            raise RecipeError(f"lora_rank: {self.lora_rank} must be 0 (strict sharing) or a positive rank")
+
+
+# The stage vocabulary: YAML name -> config class. New stages register here.
+STAGES: dict[str, type[_Section]] = {cls.name: cls for cls in (PruneStage, DistillStage, ShareStage, QuantizeStage)}
+
+Stage = PruneStage | DistillStage | ShareStage | QuantizeStage
 
 
 def _parse_stage(item: Any, path: str) -> Stage:

@@ -44,6 +44,40 @@ def _module_type(module: str, shape: tuple[int, ...]) -> str:
     return "other (norms, biases)"
 
 
+def _params_of(module: str, shapes: dict, formats: dict, linear_shapes: dict | None) -> int:
+    """Parameters stored under ``module`` (packed layers counted as the weights they hold)."""
+    total = 0
+    for key, shape in shapes.items():
+        if not key.startswith(module + "."):
+            continue
+        tensor = key[len(module) + 1:]
+        if module in formats and tensor != "bias":
+            if tensor == "qweight":
+                in_features = (linear_shapes or {}).get(module, (shape[0] * 32 // formats[module]["bits"],))[0]
+                total += in_features * shape[1]
+            continue
+        n = 1
+        for dim in shape:
+            n *= dim
+        total += n
+    return total
+
+
+def _reused_params(config: dict, qconfig: dict, shapes: dict, formats: dict, linear_shapes: dict | None) -> int:
+    """Parameters the network uses more than once: tied embeddings, layers that share modules."""
+    reused = 0
+    if qconfig.get("quant_method") == "hfcompress":
+        for owner in ((qconfig.get("shared") or {}).get("modules") or {}).values():
+            reused += _params_of(owner, shapes, formats, linear_shapes)
+    text = config.get("text_config") or config
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    vocab, width = text.get("vocab_size"), text.get("hidden_size") or text.get("n_embd") or text.get("d_model")
+    matrices = [key for key, shape in shapes.items() if tuple(shape) == (vocab, width)]
+    if tied and vocab and width and len(matrices) == 1:  # one stored matrix, read as input and as output
+        reused += vocab * width
+    return reused
+
+
 def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]] | None = None) -> dict:
     """A JSON-ready summary of a saved model folder."""
     directory = Path(directory)
@@ -96,6 +130,7 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     for entry in by_type.values():
         entry["bits_per_weight"] = round(8 * entry["bytes"] / entry["params"], 3) if entry["params"] else None
     params = sum(e["params"] for e in by_type.values())
+    reused = _reused_params(config, qconfig, shapes, formats, linear_shapes)
     tensor_bytes = sum(e["bytes"] for e in by_type.values())
     methods = []
     if qconfig.get("quant_method") == "hfcompress":
@@ -112,6 +147,8 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
         "quantized": [{k: v for k, v in g.items() if k != "modules"} | {"modules": len(g["modules"])}
                       for g in qconfig.get("quantized", [])] if qconfig.get("quant_method") == "hfcompress" else [],
         "params": params,
+        "unique_params": params,
+        "total_params": params + reused,
         "tensor_bytes": tensor_bytes,
         "file_bytes": sum(f.stat().st_size for f in files),
         "folder_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
@@ -143,6 +180,9 @@ def format_summary(summary: dict) -> str:
         bpw = f"{entry['bits_per_weight']:.2f}" if entry["bits_per_weight"] is not None else "-"
         lines.append(f"{kind:<24}{entry['params']:>14,}{format_bytes(entry['bytes']):>12}{bpw:>13}")
     bpw = f"{summary['bits_per_weight']:.2f}" if summary["bits_per_weight"] is not None else "-"
+    if summary["total_params"] != summary["unique_params"]:
+        lines.append(f"shared: {summary['unique_params']:,} unique parameters stored, {summary['total_params']:,} "
+                     "as the network uses them (tied or shared weights count once per use)")
     lines.append(f"{'total':<24}{summary['params']:>14,}{format_bytes(summary['tensor_bytes']):>12}{bpw:>13}")
     lines.append(f"files on disk: {format_bytes(summary['folder_bytes'])}")
     return "\n".join(lines)

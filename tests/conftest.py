@@ -67,6 +67,21 @@ def tiny_gpt2():
                                       bos_token_id=0, eos_token_id=0)).eval()
 
 
+def model_output(model, ids):
+    """Logits, or the last hidden state of an encoder without a head."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=96, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=300, word_embed_proj_dim=96, max_position_embeddings=256)).eval()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 
 import hfcompress
 from hfcompress.pruning import PruningError, family_of
@@ -20,18 +20,8 @@ from hfcompress.recipe import RecipeError
 WINDOWS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-def tiny_opt():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    return OPTForCausalLM(OPTConfig(hidden_size=96, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
-                                    vocab_size=300, word_embed_proj_dim=96, max_position_embeddings=256)).eval()
-
-
 def output(model, ids=WINDOWS[:2, :24]):
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return model_output(model, ids)
 
 
 def prune(model, **stage):

@@ -169,6 +169,9 @@ def main(argv=None) -> int:
         "input_shape": list(ids.shape),
         "logits_shape": list(logits.shape),
         "logits_finite": bool(torch.isfinite(logits).all()),
+        # Whether the loaded model reads its output layer from the input embedding matrix.
+        "lm_head_is_embeddings": hf_model.get_output_embeddings().weight.data_ptr()
+        == hf_model.get_input_embeddings().weight.data_ptr(),
         "torch_threads": torch.get_num_threads(),
         "args": vars(args),
     }

@@ -54,15 +54,11 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
             kl_weight=stage.loss.kl, ce_weight=stage.loss.ce, hidden_weight=stage.loss.hidden,
             attention_weight=stage.loss.attention, layer_map=stage.layer_map,
         )
-        was_training, was_quantized = model.training, getattr(model, "is_quantized", False)
-        # Loading with compression= marks the model "quantized" before anything is packed (nothing is:
-        # checked above), and Trainer refuses to train quantized models.
-        model.is_quantized = False
+        was_training = model.training
         try:
             trainer = DistillationTrainer(model, args, teacher_model=teacher, train_dataset=dataset)
             trainer.train()
         finally:
             model.train(was_training)
-            model.is_quantized = was_quantized
     for p in model.parameters():
         p.grad = None

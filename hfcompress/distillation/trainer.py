@@ -181,7 +181,9 @@ class DistillationTrainer(Trainer):
     def _teacher_outputs(self, inputs: dict, hidden: bool, attentions: bool):
         device = next(self.teacher.parameters()).device
         batch = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
+        # Under the run's mixed precision too (accelerate wraps only the student's forward): a float32
+        # teacher beside a bf16 student would cost more than the student's forward and backward.
+        with torch.no_grad(), self.accelerator.autocast():
             return self.teacher(**batch, output_hidden_states=hidden, output_attentions=attentions, use_cache=False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -182,6 +182,29 @@ class CompressedTensorsExporter:
 EXPORTERS = {cls.name: cls for cls in (GPTQv1Exporter, CompressedTensorsExporter)}
 
 
+def _expand_shared(tensors: dict, config: dict) -> dict:
+    """Write out every layer's copy of weights that layers share: the peer formats cannot express
+    sharing, so their readers need each layer's tensors (the tied embeddings need nothing: the
+    config's ``tie_word_embeddings`` says it and every reader honours it)."""
+    qconfig = config["quantization_config"]
+    shared = qconfig.get("shared") or {}
+    if shared.get("lora"):
+        raise ExportError("this model shares layers with per-layer low-rank corrections (lora_rank), which GPTQ and "
+                          "compressed-tensors readers cannot run; share with lora_rank: 0 to export")
+    users = shared.get("modules") or {}
+    if not users:
+        return tensors
+    logger.info("export: writing %d shared modules once per layer that uses them", len(users))
+    out = dict(tensors)
+    for user, owner in users.items():
+        for key, tensor in tensors.items():
+            if key.startswith(owner + "."):
+                out[user + key[len(owner):]] = tensor.clone()  # safetensors refuses tensors that share memory
+    for group in qconfig.get("quantized", []):
+        group["modules"] = group["modules"] + [user for user, owner in users.items() if owner in group["modules"]]
+    return out
+
+
 def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Export the hfcompress folder ``folder`` to ``fmt`` in ``output`` (atomically)."""
     if fmt not in EXPORTERS:
@@ -199,6 +222,7 @@ def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike,
     tensors = {}
     for file in files:
         tensors.update(load_file(file))
+    tensors = _expand_shared(tensors, config)
     tensors, quantization_config = EXPORTERS[fmt]().convert(tensors, config)
     config["quantization_config"] = quantization_config
     output.parent.mkdir(parents=True, exist_ok=True)

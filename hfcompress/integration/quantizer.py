@@ -2,9 +2,10 @@
 
 - loading a float checkpoint with ``quantization_config=CompressionConfig(recipe)``: the weights
   load as usual, then :func:`hfcompress.compress` runs the recipe;
-- loading a checkpoint saved by hfcompress: pruned per-layer shapes and the packed modules are
-  rebuilt on the meta device before the weights load, after the checkpoint files are checked
-  for truncation and for the tensors the config promises.
+- loading a checkpoint saved by hfcompress: pruned per-layer shapes, relaxed-sharing wrappers and
+  the packed modules are rebuilt on the meta device before the weights load, after the
+  checkpoint files are checked for truncation and for the tensors the config promises; layers
+  that share weights are pointed at their owner's modules once the weights are in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..config import FORMAT_VERSION, CompressionConfig
 from ..formats.checkpoint import check_quantized_checkpoint
 from ..pruning.stage import rebuild_pruned_structure
 from ..quantization.stage import rebuild_quantized_modules
+from ..sharing.layers import rebuild_shared_structure, tie_shared_modules
 
 
 class CompressionQuantizer(HfQuantizer):
@@ -34,13 +36,16 @@ class CompressionQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             rebuild_pruned_structure(model, self.quantization_config)
+            rebuild_shared_structure(model, self.quantization_config.shared)
             rebuild_quantized_modules(model, self.quantization_config)
             if checkpoint_files:
                 check_quantized_checkpoint(checkpoint_files, model, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            tie_shared_modules(model, self.quantization_config.shared)  # the users' tensors were not in the file
+        else:
             from ..pipeline import compress
 
             compress(model, self.quantization_config.recipe, config=self.quantization_config)
@@ -54,4 +59,10 @@ class CompressionQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Pruned or shared models are float and train as usual (distillation heals them); packed
+        # layers have no gradients.
+        return not self.quantization_config.modules
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return self.is_trainable

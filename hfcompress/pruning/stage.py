@@ -220,6 +220,9 @@ def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionCo
     blocks = decoder_blocks(model)
     if config.modules:
         raise PruningError("prune: the model is already quantized; put the prune stage before quantize")
+    if config.shared:
+        raise PruningError("prune: decoder layers of this model share weights, which per-layer pruning would cut "
+                           "differently; put the prune stage before share")
     if not (stage.heads or stage.ffn or stage.hidden or stage.layers):
         logger.info("prune: nothing to remove")
         return

@@ -9,7 +9,10 @@ layers are quantized:
   reaches them, each with a Hessian of inputs computed through the already quantized groups
   (the forward stops right after the group, so later layers cost nothing);
 - after a block is quantized the calibration windows run through it again, and its quantized
-  outputs feed the next block.
+  outputs feed the next block;
+- a module that several blocks share (``share`` stage) is quantized once, at its last user, with
+  the Hessians of all its users accumulated together; until then its users compute with the
+  float weights.
 """
 
 from __future__ import annotations
@@ -64,6 +67,27 @@ class InputTracker:
         self._last = None
 
 
+class SharedHessians:
+    """Hessians of modules that several blocks use, accumulated over the users up to the last one."""
+
+    def __init__(self, users: dict[int, list[tuple[int, str]]]):
+        self.users = users  # id(module) -> [(block index, name in the block), ...] in block order
+        self.pending: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def is_shared(self, module: nn.Module) -> bool:
+        return id(module) in self.users
+
+    def add(self, module: nn.Module, H: torch.Tensor, count: int, block: int) -> torch.Tensor | None:
+        """Add this block's Hessian; the total at the last user, else None (solve later)."""
+        if id(module) in self.pending:
+            H0, n0 = self.pending.pop(id(module))
+            H, count = (H0 * n0 + H * count) / (n0 + count), n0 + count  # both are means over their tokens
+        if block != self.users[id(module)][-1][0]:
+            self.pending[id(module)] = (H, count)
+            return None
+        return H
+
+
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Make ``module`` compute with ``weight`` ``[out, in]`` (what its QuantLinear will compute)."""
     target = linear_weight(module)
@@ -73,8 +97,10 @@ def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 class GPTQBlockQuantizer:
     """Quantizes the targeted linear layers of one block at a time."""
 
-    def __init__(self, stage: QuantizeStage, device: torch.device, compute_dtype: torch.dtype | None = None):
+    def __init__(self, stage: QuantizeStage, device: torch.device, compute_dtype: torch.dtype | None = None,
+                 shared: SharedHessians | None = None):
         self.stage = stage
+        self.shared = shared or SharedHessians({})
         self.device = device
         self.compute_dtype = compute_dtype
         self.format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
@@ -103,9 +129,31 @@ class GPTQBlockQuantizer:
             _set_weight(module, dequantized)
         return results
 
-    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs) -> dict[str, GPTQResult]:
-        """GPTQ every module of ``targets`` (names relative to ``block``), in place; returns results."""
+    def _quantize_group(self, group: dict[str, nn.Module], H: torch.Tensor, count: int, block: int,
+                        deferred: set[str]) -> dict[str, GPTQResult]:
+        """Solve a group that shares ``H``; shared modules join with their other users' Hessians."""
+        buckets: dict[object, tuple[dict[str, nn.Module], torch.Tensor]] = {}
+        for name, module in group.items():
+            if not self.shared.is_shared(module):
+                buckets.setdefault("own", ({}, H))[0][name] = module
+                continue
+            total = self.shared.add(module, H, count, block)
+            if total is None:
+                deferred.add(name)
+            else:
+                blocks = tuple(b for b, _ in self.shared.users[id(module)])  # same users: same summed Hessian
+                buckets.setdefault(blocks, ({}, total))[0][name] = module
+        results = {}
+        for modules, hessian in buckets.values():
+            results.update(self._quantize(modules, hessian))
+        return results
+
+    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
+                       index: int = 0) -> dict[str, GPTQResult]:
+        """GPTQ every module of ``targets`` (names relative to ``block``, block number ``index``), in
+        place; returns results. Shared modules whose last user is a later block are left for then."""
         results: dict[str, GPTQResult] = {}
+        deferred: set[str] = set()
         if self.stage.true_sequential:
             discovery = InputTracker(accumulate=set())
             with input_hooks(targets, discovery):
@@ -116,7 +164,8 @@ class GPTQBlockQuantizer:
                 with input_hooks(targets, tracker, stop_after=group[-1]):
                     run_block(block, inputs, self.device, dtype=self.compute_dtype)
                 tracker.release()
-                results.update(self._quantize({name: targets[name] for name in group}, tracker.hessians[leader]))
+                results.update(self._quantize_group({name: targets[name] for name in group}, tracker.hessians[leader],
+                                                    tracker.counts[leader], index, deferred))
         else:
             tracker = InputTracker(compute_dtype=self.compute_dtype)
             with input_hooks(targets, tracker):
@@ -124,18 +173,12 @@ class GPTQBlockQuantizer:
             tracker.release()
             for leader in tracker.order:
                 group = {name: targets[name] for name in tracker.groups[leader]}
-                results.update(self._quantize(group, tracker.hessians[leader]))
-        missing = set(targets) - set(results)
+                results.update(self._quantize_group(group, tracker.hessians[leader], tracker.counts[leader], index,
+                                                    deferred))
+        missing = set(targets) - set(results) - deferred
         if missing:
             raise RuntimeError(f"the calibration forward pass never reached {sorted(missing)}")
         return results
-
-
-def _block_of(name: str, block_names: list[str]) -> int | None:
-    for i, prefix in enumerate(block_names):
-        if name.startswith(prefix + "."):
-            return i
-    return None
 
 
 @torch.no_grad()
@@ -158,36 +201,45 @@ def quantize_gptq(
     offload = next(model.parameters()).device
     device = device or offload
     block_names = [name for name, module in model.named_modules() if any(module is b for b in blocks)]
+    owners = {id(module): name for name, module in targets.items()}
+    users: dict[int, list[tuple[int, str]]] = {}  # every block that uses a target, and under which name
+    for b, block in enumerate(blocks):
+        for short, module in block.named_modules(remove_duplicate=False):
+            if id(module) in owners:
+                users.setdefault(id(module), []).append((b, short))
     per_block: dict[int, dict[str, nn.Module]] = {}
-    outside = []
-    for name, module in targets.items():
-        index = _block_of(name, block_names)
-        if index is None:
-            outside.append(name)
-        else:
-            per_block.setdefault(index, {})[name] = module
+    for module_id, uses in users.items():
+        for b, short in uses:
+            per_block.setdefault(b, {})[short] = targets[owners[module_id]]
+    outside = [name for name, module in targets.items() if id(module) not in users]
+    shared = SharedHessians({k: v for k, v in users.items() if len(v) > 1})
+    if shared.users and resume is not None:
+        raise ValueError("resume_dir: resuming GPTQ is not supported for models whose layers share weights (their "
+                         "Hessians span several layers); run without resume_dir")
 
     inputs = capture_block_inputs(model, blocks[0], windows, device, offload)
     start = resume.done() if resume is not None else 0
     if start:
         for name, fmt in resume.restore(model, inputs.hidden).items():
             record(name, fmt)
-    quantizer = GPTQBlockQuantizer(stage, device, compute_dtype)
+    quantizer = GPTQBlockQuantizer(stage, device, compute_dtype, shared)
     progress = tqdm(range(start, len(blocks)), desc=f"GPTQ {stage.bits}-bit", unit="layer", initial=start,
                     total=len(blocks))
     for b in progress:
         block = blocks[b].to(device)
         prefix = block_names[b] + "."
-        targets_here = {name.removeprefix(prefix): module for name, module in per_block.get(b, {}).items()}
-        results = quantizer.quantize_block(block, targets_here, inputs) if targets_here else {}
+        targets_here = per_block.get(b, {})
+        results = quantizer.quantize_block(block, targets_here, inputs, b) if targets_here else {}
         # The next block sees this block's quantized outputs.
         run_block(block, inputs, device, update=True, dtype=compute_dtype)
         packed = {}
         for short, result in results.items():
             module = targets_here[short]
-            packed[prefix + short] = QuantLinear.from_quantized(result.weight, module.bias, quantizer.format)
-            block.set_submodule(short, packed[prefix + short])
-            record(prefix + short, quantizer.format)
+            qlinear = QuantLinear.from_quantized(result.weight, module.bias, quantizer.format)
+            packed[prefix + short] = qlinear
+            for user, user_short in users[id(module)]:  # one QuantLinear for every layer that shares it
+                blocks[user].set_submodule(user_short, qlinear)
+            record(owners[id(module)], quantizer.format)
         blocks[b].to(offload)
         if results:
             errors = ", ".join(f"{short} {r.error:.2e}" for short, r in results.items())

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..config import CompressionConfig
 from ..models import find_linear_layers, linear_shape, linear_weight, model_configs, output_embedding_names
 from ..recipe import QuantizeStage
+from ..sharing.layers import tie_shared_modules
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
 
@@ -63,6 +64,7 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
     rtn_format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym)
     if stage.method == "rtn":
         _quantize_rtn(model, stage, layers, config, rtn_format)
+        tie_shared_modules(model, config.shared)
         return
     from ..models import decoder_blocks
     from .gptq_runner import quantize_gptq
@@ -75,6 +77,7 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
     if outside:
         logger.info("%s: outside the transformer blocks, quantized by rounding (RTN)", ", ".join(outside))
         _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config, rtn_format)
+    tie_shared_modules(model, config.shared)
 
 
 def rebuild_quantized_modules(model: nn.Module, config: CompressionConfig) -> None:
