@@ -3,6 +3,7 @@ sharing, storage once, reload re-ties, GPTQ of shared weights, exports and the e
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -132,6 +133,47 @@ def test_relaxed_sharing_starts_equal_trains_its_deltas_and_reloads(tmp_path):
     assert not torch.equal(reloaded.model.layers[1].mlp.up_proj.lora_B, reloaded.model.layers[0].mlp.up_proj.lora_B)
     keys = set(read_tensor_shapes(tmp_path.glob("*.safetensors")))
     assert "model.layers.1.mlp.up_proj.lora_B" in keys and "model.layers.1.mlp.up_proj.base.weight" not in keys
+
+
+def test_a_reloaded_shared_model_quantizes_and_reloads_shared_again(tmp_path):
+    model = tiny_llama(num_hidden_layers=4)
+    share(model, every=2, parts=["attention"])
+    model.save_pretrained(tmp_path / "shared")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shared")
+    hfcompress.compress(reloaded, {"stages": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}]})
+    assert reloaded.hfcompress_config.shared == model.hfcompress_config.shared
+    expected = output(reloaded)
+    reloaded.save_pretrained(tmp_path / "quantized")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized")
+    assert torch.equal(output(again), expected)
+    assert again.model.layers[3].self_attn.o_proj is again.model.layers[2].self_attn.o_proj
+
+
+def test_distillation_of_a_shared_student_resumes_exactly(tmp_path):
+    from hfcompress.distillation import DistillationTrainer, DistillationTrainingArguments, PackedBlocks
+
+    teacher = tiny_llama(num_hidden_layers=4)
+    student = share(tiny_llama(num_hidden_layers=4), every=2, parts=["mlp"], lora_rank=2)
+    blocks = PackedBlocks(torch.randint(0, 300, (32 * 32,), generator=torch.Generator().manual_seed(0)), 32)
+
+    def trainer(model, folder, **overrides):
+        options = dict(output_dir=str(tmp_path / folder), max_steps=4, per_device_train_batch_size=4,
+                       learning_rate=3e-3, lr_scheduler_type="constant", save_strategy="no", report_to=[], seed=0,
+                       use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+        args = DistillationTrainingArguments(**{**options, **overrides})
+        return DistillationTrainer(model, args, teacher_model=teacher, train_dataset=blocks)
+
+    straight = trainer(copy.deepcopy(student), "a")
+    straight.train()
+    trainer(copy.deepcopy(student), "b", max_steps=2, save_strategy="steps", save_steps=2).train()
+    resumed = trainer(copy.deepcopy(student), "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    keys = set(read_tensor_shapes((tmp_path / "b" / "checkpoint-2").glob("*.safetensors")))
+    assert "model.layers.1.mlp.up_proj.base.weight" not in keys and "model.layers.1.mlp.up_proj.lora_A" in keys
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    layers = resumed.model.model.layers
+    assert layers[1].mlp.up_proj.base is layers[0].mlp.up_proj.base
 
 
 # --- quantization of shared weights --------------------------------------------------------------
