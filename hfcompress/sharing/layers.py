@@ -19,6 +19,7 @@ after the weights are in.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from itertools import chain
@@ -154,8 +155,6 @@ def share_layers(model: nn.Module, groups: list[list[int]], parts: list[str], in
 
 def _initial_module(members: list[nn.Module], init: str | int) -> nn.Module:
     """The group's shared module: a copy of one member, or of the first with the members' mean."""
-    import copy
-
     if isinstance(init, int):
         return copy.deepcopy(members[init])
     shared = copy.deepcopy(members[0])
