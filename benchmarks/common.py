@@ -37,20 +37,9 @@ def weights_bytes(folder: Path) -> int:
 
 def tensor_bytes(folder: Path) -> dict[str, int]:
     """Bytes of every tensor in a folder's safetensors files, from their headers."""
-    from safetensors import safe_open
+    from hfcompress.report import tensor_nbytes
 
-    from hfcompress.report import DTYPE_BYTES
-
-    sizes = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                part = handle.get_slice(key)
-                n = DTYPE_BYTES[part.get_dtype()]
-                for dim in part.get_shape():
-                    n *= dim
-                sizes[key] = n
-    return sizes
+    return tensor_nbytes(sorted(Path(folder).glob("*.safetensors")))
 
 
 def prepare_checkpoint(work: Path) -> tuple[Path, object]:

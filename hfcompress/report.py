@@ -35,6 +35,19 @@ def _tensor_dtypes(files: list[Path]) -> dict[str, str]:
     return dtypes
 
 
+def tensor_nbytes(files) -> dict[str, int]:
+    """Bytes of every tensor in safetensors ``files``, read from their headers only."""
+    files = [Path(f) for f in files]
+    shapes, dtypes = read_tensor_shapes(files), _tensor_dtypes(files)
+    sizes = {}
+    for key, shape in shapes.items():
+        n = DTYPE_BYTES.get(dtypes[key], 4)
+        for dim in shape:
+            n *= dim
+        sizes[key] = n
+    return sizes
+
+
 def _module_type(module: str, shape: tuple[int, ...]) -> str:
     leaf = module.rsplit(".", 1)[-1]
     if "embed" in leaf or leaf in ("wte", "wpe", "shared"):
@@ -89,7 +102,6 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")
     shapes = read_tensor_shapes(files)
-    dtypes = _tensor_dtypes(files)
 
     qconfig = config.get("quantization_config") or {}
     formats = {}
@@ -104,11 +116,10 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
         entry["params"] += params
         entry["bytes"] += nbytes
 
+    nbytes_of = tensor_nbytes(files)
     for key, shape in shapes.items():
         module, _, tensor = key.rpartition(".")
-        nbytes = DTYPE_BYTES.get(dtypes[key], 4)
-        for dim in shape:
-            nbytes *= dim
+        nbytes = nbytes_of[key]
         if module in formats:
             group = formats[module]
             if tensor == "qweight":

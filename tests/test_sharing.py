@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hfcompress
@@ -20,7 +19,7 @@ from hfcompress.pruning import PruningError
 from hfcompress.quantization import dispatch
 from hfcompress.quantization.gptq_runner import SharedHessians
 from hfcompress.recipe import RecipeError
-from hfcompress.report import summarize_folder
+from hfcompress.report import summarize_folder, tensor_nbytes
 from hfcompress.sharing import SharedLinearDelta, SharingError
 
 WINDOWS = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -40,12 +39,7 @@ def share(model, **stage):
 
 
 def tensor_bytes(folder) -> dict[str, int]:
-    sizes = {}
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                sizes[key] = handle.get_tensor(key).nbytes
-    return sizes
+    return tensor_nbytes(folder.glob("*.safetensors"))
 
 
 def file_bytes(folder) -> int:

@@ -8,7 +8,7 @@ from ..config import CompressionConfig
 from ..models import decoder_blocks
 from ..recipe import ShareStage
 from .embeddings import tie_embeddings
-from .layers import SharingError, groups_of, merge_records, register_shared_tensors, share_layers
+from .layers import SharingError, groups_of, merge_records, share_layers
 
 
 def apply_share_stage(model: nn.Module, stage: ShareStage, config: CompressionConfig, context) -> None:
@@ -23,5 +23,4 @@ def apply_share_stage(model: nn.Module, stage: ShareStage, config: CompressionCo
     n_layers = len(decoder_blocks(model))
     groups = stage.layers if stage.layers is not None else groups_of(stage.every, n_layers)
     record = share_layers(model, groups, stage.parts, stage.init, stage.lora_rank)
-    config.shared = merge_records(config.shared, record)
-    register_shared_tensors(model)
+    config.shared = merge_records(config.shared, record)  # compress() registers the tensors to save once
