@@ -286,6 +286,26 @@ def test_tie_embeddings_modes_save_once_and_reload_as_a_plain_checkpoint(tmp_pat
     assert torch.equal(output(reloaded), expected)
 
 
+def test_tied_embeddings_heal_by_distillation_from_the_untied_model(tmp_path):
+    model = tiny_llama(tie=False)
+    teacher = copy.deepcopy(model)
+    recipe = {"stages": [{"share": {"tie_embeddings": "mean"}},
+                         {"distill": {"steps": 3, "seq_len": 16, "batch_size": 2, "lr": 1e-2}}]}
+    hfcompress.compress(model, recipe, calibration_data=WINDOWS)
+    tied = (teacher.model.embed_tokens.weight + teacher.lm_head.weight) / 2
+    # One matrix, trained once with the gradients of both uses; the teacher (the untied model as it
+    # entered the recipe) is untouched.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.allclose(model.lm_head.weight, tied)
+    assert teacher.lm_head.weight is not teacher.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in read_tensor_shapes(tmp_path.glob("*.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(output(reloaded), output(model))
+
+
 def test_tied_model_keeps_its_tie_through_prune_distill_gptq_save_reload_and_export(tmp_path):
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     recipe = {"stages": [{"prune": {"hidden": 0.25, "ffn": 0.25}},
