@@ -20,32 +20,32 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .errors import CheckpointError
-from .formats.checkpoint import read_tensor_shapes
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _tensor_dtypes(files: list[Path]) -> dict[str, str]:
-    dtypes = {}
+def _tensor_headers(files) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{key: (dtype, shape)}`` of every tensor in safetensors ``files``, from their headers only."""
+    headers = {}
     for file in files:
         with safe_open(os.fspath(file), framework="pt") as handle:
             for key in handle.keys():
-                dtypes[key] = handle.get_slice(key).get_dtype()
-    return dtypes
+                part = handle.get_slice(key)
+                headers[key] = (part.get_dtype(), tuple(part.get_shape()))
+    return headers
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = DTYPE_BYTES.get(dtype, 4)
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def tensor_nbytes(files) -> dict[str, int]:
     """Bytes of every tensor in safetensors ``files``, read from their headers only."""
-    files = [Path(f) for f in files]
-    shapes, dtypes = read_tensor_shapes(files), _tensor_dtypes(files)
-    sizes = {}
-    for key, shape in shapes.items():
-        n = DTYPE_BYTES.get(dtypes[key], 4)
-        for dim in shape:
-            n *= dim
-        sizes[key] = n
-    return sizes
+    return {key: _nbytes(dtype, shape) for key, (dtype, shape) in _tensor_headers(files).items()}
 
 
 def _module_type(module: str, shape: tuple[int, ...]) -> str:
@@ -101,7 +101,8 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")
-    shapes = read_tensor_shapes(files)
+    headers = _tensor_headers(files)
+    shapes = {key: shape for key, (_, shape) in headers.items()}
 
     qconfig = config.get("quantization_config") or {}
     formats = {}
@@ -116,10 +117,9 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
         entry["params"] += params
         entry["bytes"] += nbytes
 
-    nbytes_of = tensor_nbytes(files)
-    for key, shape in shapes.items():
+    for key, (dtype, shape) in headers.items():
         module, _, tensor = key.rpartition(".")
-        nbytes = nbytes_of[key]
+        nbytes = _nbytes(dtype, shape)
         if module in formats:
             group = formats[module]
             if tensor == "qweight":

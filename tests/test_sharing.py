@@ -293,8 +293,8 @@ def test_tied_embeddings_heal_by_distillation_from_the_untied_model(tmp_path):
                          {"distill": {"steps": 3, "seq_len": 16, "batch_size": 2, "lr": 1e-2}}]}
     hfcompress.compress(model, recipe, calibration_data=WINDOWS)
     tied = (teacher.model.embed_tokens.weight + teacher.lm_head.weight) / 2
-    # One matrix, trained once with the gradients of both uses; the teacher (the untied model as it
-    # entered the recipe) is untouched.
+    # One matrix, trained away from its tied start with the gradients of both uses (``teacher`` is
+    # a copy of the untied model as it entered the recipe, the distill stage's teacher).
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not torch.allclose(model.lm_head.weight, tied)
     assert teacher.lm_head.weight is not teacher.model.embed_tokens.weight
