@@ -56,6 +56,24 @@ def test_a_few_steps_reduce_the_loss_and_the_teacher_stays_frozen(tmp_path):
     assert logged and "loss_ce" in logged[0]
 
 
+def test_resume_reports_a_tensor_missing_only_when_none_of_its_names_was_loaded(tmp_path, monkeypatch):
+    import transformers.trainer
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    teacher, student = teacher_and_student()
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+    trainer = DistillationTrainer(student, arguments(tmp_path), teacher_model=teacher,
+                                  train_dataset=PackedBlocks(IDS, 32))
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))  # loaded as the embedding
+    assert warnings == []
+    trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "model.embed_tokens.weight",
+                                                          "model.norm.weight"], []))
+    assert len(warnings) == 1
+    assert all(key in warnings[0] for key in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"))
+
+
 def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path):
     blocks = PackedBlocks(IDS, 32)
     teacher, student = teacher_and_student()

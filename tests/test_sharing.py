@@ -12,6 +12,7 @@ from conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 from transformers import AutoModelForCausalLM
 
 import hfcompress
+from hfcompress.distillation.trainer import DistillationTrainer
 from hfcompress.formats.checkpoint import read_tensor_shapes
 from hfcompress.formats.export import ExportError, export_model
 from hfcompress.models import decoder_blocks
@@ -143,8 +144,10 @@ def test_a_reloaded_shared_model_quantizes_and_reloads_shared_again(tmp_path):
     assert again.model.layers[3].self_attn.o_proj is again.model.layers[2].self_attn.o_proj
 
 
-def test_distillation_of_a_shared_student_resumes_exactly(tmp_path):
-    from hfcompress.distillation import DistillationTrainer, DistillationTrainingArguments, PackedBlocks
+def test_distillation_of_a_shared_student_resumes_exactly(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    from hfcompress.distillation import DistillationTrainingArguments, PackedBlocks
 
     teacher = tiny_llama(num_hidden_layers=4)
     student = share(tiny_llama(num_hidden_layers=4), every=2, parts=["mlp"], lora_rank=2)
@@ -161,7 +164,11 @@ def test_distillation_of_a_shared_student_resumes_exactly(tmp_path):
     straight.train()
     trainer(copy.deepcopy(student), "b", max_steps=2, save_strategy="steps", save_steps=2).train()
     resumed = trainer(copy.deepcopy(student), "b")
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warnings.append(message))
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    # Aliases of tensors the checkpoint stores once (layer 1's MLP base, the tied lm_head) are not "missing".
+    assert not [message for message in warnings if "missing keys" in message], warnings
     keys = set(read_tensor_shapes((tmp_path / "b" / "checkpoint-2").glob("*.safetensors")))
     assert "model.layers.1.mlp.up_proj.base.weight" not in keys and "model.layers.1.mlp.up_proj.lora_A" in keys
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -286,18 +293,29 @@ def test_tie_embeddings_modes_save_once_and_reload_as_a_plain_checkpoint(tmp_pat
     assert torch.equal(output(reloaded), expected)
 
 
-def test_tied_embeddings_heal_by_distillation_from_the_untied_model(tmp_path):
+def test_tied_embeddings_heal_by_distillation_from_the_untied_model(tmp_path, monkeypatch):
     model = tiny_llama(tie=False)
-    teacher = copy.deepcopy(model)
+    untied = copy.deepcopy(model)
+    teachers = []
+    original_init = DistillationTrainer.__init__
+
+    def spy(self, *args, teacher_model=None, **kwargs):
+        teachers.append(teacher_model)
+        original_init(self, *args, teacher_model=teacher_model, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "__init__", spy)
     recipe = {"stages": [{"share": {"tie_embeddings": "mean"}},
                          {"distill": {"steps": 3, "seq_len": 16, "batch_size": 2, "lr": 1e-2}}]}
     hfcompress.compress(model, recipe, calibration_data=WINDOWS)
-    tied = (teacher.model.embed_tokens.weight + teacher.lm_head.weight) / 2
-    # One matrix, trained away from its tied start with the gradients of both uses (``teacher`` is
-    # a copy of the untied model as it entered the recipe, the distill stage's teacher).
+    # The distill stage learned from the model as it entered the recipe: untied, its two matrices unchanged.
+    (teacher,) = teachers
+    assert teacher.lm_head.weight is not teacher.model.embed_tokens.weight
+    assert torch.equal(teacher.lm_head.weight, untied.lm_head.weight)
+    assert torch.equal(teacher.model.embed_tokens.weight, untied.model.embed_tokens.weight)
+    # One matrix, trained away from its tied start with the gradients of both uses.
+    tied = (untied.model.embed_tokens.weight + untied.lm_head.weight) / 2
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not torch.allclose(model.lm_head.weight, tied)
-    assert teacher.lm_head.weight is not teacher.model.embed_tokens.weight
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in read_tensor_shapes(tmp_path.glob("*.safetensors"))

@@ -178,6 +178,20 @@ class DistillationTrainer(Trainer):
 
             self.projections.load_state_dict(load_file(str(path)))
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint stores a shared tensor (tied embeddings, a shared layer) once, under one of its
+        # names, and loading that name fills every alias. Transformers would list the other names as
+        # missing keys, a false alarm on every resume of a shared model: keep only the names whose
+        # tensor was loaded under none of its names.
+        state = self.model.state_dict(keep_vars=True)
+        aliases: dict[int, list[str]] = {}
+        for name, tensor in state.items():
+            aliases.setdefault(id(tensor), []).append(name)
+        missing = set(load_result.missing_keys)
+        really_missing = [key for key in load_result.missing_keys
+                          if key not in state or all(name in missing for name in aliases[id(state[key])])]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=really_missing))
+
     def _teacher_outputs(self, inputs: dict, hidden: bool, attentions: bool):
         device = next(self.teacher.parameters()).device
         batch = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
