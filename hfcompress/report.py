@@ -17,23 +17,11 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import safe_open
-
 from .errors import CheckpointError
+from .formats.checkpoint import read_tensor_headers
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _tensor_headers(files) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{key: (dtype, shape)}`` of every tensor in safetensors ``files``, from their headers only."""
-    headers = {}
-    for file in files:
-        with safe_open(os.fspath(file), framework="pt") as handle:
-            for key in handle.keys():
-                part = handle.get_slice(key)
-                headers[key] = (part.get_dtype(), tuple(part.get_shape()))
-    return headers
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -45,7 +33,7 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 def tensor_nbytes(files) -> dict[str, int]:
     """Bytes of every tensor in safetensors ``files``, read from their headers only."""
-    return {key: _nbytes(dtype, shape) for key, (dtype, shape) in _tensor_headers(files).items()}
+    return {key: _nbytes(dtype, shape) for key, (dtype, shape) in read_tensor_headers(files).items()}
 
 
 def _module_type(module: str, shape: tuple[int, ...]) -> str:
@@ -101,7 +89,7 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")
-    headers = _tensor_headers(files)
+    headers = read_tensor_headers(files)
     shapes = {key: shape for key, (_, shape) in headers.items()}
 
     qconfig = config.get("quantization_config") or {}

@@ -184,12 +184,9 @@ class DistillationTrainer(Trainer):
         # missing keys, a false alarm on every resume of a shared model: keep only the names whose
         # tensor was loaded under none of its names.
         state = self.model.state_dict(keep_vars=True)
-        aliases: dict[int, list[str]] = {}
-        for name, tensor in state.items():
-            aliases.setdefault(id(tensor), []).append(name)
         missing = set(load_result.missing_keys)
-        really_missing = [key for key in load_result.missing_keys
-                          if key not in state or all(name in missing for name in aliases[id(state[key])])]
+        loaded = {id(tensor) for name, tensor in state.items() if name not in missing}
+        really_missing = [key for key in load_result.missing_keys if id(state[key]) not in loaded]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=really_missing))
 
     def _teacher_outputs(self, inputs: dict, hidden: bool, attentions: bool):

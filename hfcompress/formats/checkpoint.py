@@ -18,9 +18,9 @@ from ..config import CompressionConfig
 from ..errors import CheckpointError
 
 
-def read_tensor_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape over all files, reading headers only; never unpickles anything."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def read_tensor_headers(files: Iterable[str | os.PathLike]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape) over all files, reading headers only; never unpickles."""
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
         file = os.fspath(file)
         if not file.endswith(".safetensors"):
@@ -31,12 +31,18 @@ def read_tensor_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[in
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    part = handle.get_slice(key)
+                    headers[key] = (part.get_dtype(), tuple(part.get_shape()))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
                 f"{file}: truncated or corrupt safetensors file ({err}); re-save or re-download the checkpoint"
             ) from None
-    return shapes
+    return headers
+
+
+def read_tensor_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over all files, reading headers only; never unpickles anything."""
+    return {key: shape for key, (_, shape) in read_tensor_headers(files).items()}
 
 
 def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Module, config: CompressionConfig) -> None:
