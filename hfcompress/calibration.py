@@ -1,11 +1,21 @@
 """Calibration: token windows from text, and the layer-by-layer runner that data-driven stages use.
 
-The runner captures the inputs of the first block once (a pre-hook stops the forward there),
-then walks the blocks in order. For each block it moves only that block to the compute device,
-runs the calibration windows through it with forward hooks on its linear layers (the caller
-accumulates statistics and replaces weights), then runs the windows again so that the next block
-sees the outputs of this block as modified. Everything else stays where it is (CPU). No graph
-tracing: only hooks, so any architecture whose blocks are listed in ``models.py`` works.
+:func:`walk_blocks` is the one block-by-block loop of every data-driven stage (GPTQ, pruning
+importance). It yields each block with what the block receives for every calibration window;
+the caller runs the windows through it with hooks on its linear layers (accumulating statistics,
+replacing weights), and the walk then runs the windows again so that the next block sees this
+block's outputs as modified. Only the current block moves to the compute device. No graph
+tracing: only hooks, so any architecture whose stack of blocks the model registry finds works.
+
+What a block receives besides its hidden states (attention masks, rotary embeddings, which
+differ between sliding-window and full-attention layers, and anything else a model passes) is
+recorded by running two probe windows through the whole model with a pre-hook on every block.
+If those extra inputs are the same for both probes and every block's output is the next block's
+input, the walk is *chained*: hidden states are captured once at the first block and carried
+forward. Otherwise (inputs that depend on the tokens, hidden states transformed between blocks,
+several streams per block) the walk *replays*: for each block it runs the windows through the
+model, as compressed so far, up to that block and records each window's whole call. Both see
+exactly what the model computes; chaining is just faster.
 
 >>> import torch
 >>> windows = sample_windows(torch.arange(1000), samples=4, seq_len=16, seed=0)
@@ -65,12 +75,59 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass early (its work is done)."""
 
 
+def _strip_cache(value):
+    """No KV cache during calibration: a cache object passed to a block becomes None."""
+    from transformers.cache_utils import Cache
+
+    return None if isinstance(value, Cache) else value
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _record_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    kwargs = {k: (None if k in _CACHE_KWARGS else _strip_cache(v)) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return tuple(_strip_cache(a) for a in args), kwargs
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """``(hidden_states, other args, other kwargs)`` of a block call."""
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
 @dataclass
 class BlockInputs:
-    """What the first block receives: hidden states per window, and the keyword arguments."""
+    """What one block receives for each calibration window.
 
-    hidden: torch.Tensor  # [windows, seq_len, hidden], on the offload device
+    Chained: ``hidden`` ``[windows, seq_len, hidden]`` (on the offload device) plus ``args`` and
+    ``kwargs`` shared by every window. Replayed: ``calls``, each window's whole ``(args, kwargs)``.
+    """
+
+    hidden: torch.Tensor | None = None
     kwargs: dict = field(default_factory=dict)
+    args: tuple = ()
+    calls: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.calls) if self.calls is not None else self.hidden.shape[0]
+
+    def call(self, i: int, device: torch.device) -> tuple[tuple, dict]:
+        if self.calls is not None:
+            args, kwargs = self.calls[i]
+            return _to(args, device), {k: _to(v, device) for k, v in kwargs.items()}
+        x = self.hidden[i : i + 1].to(device)
+        return (x, *_to(self.args, device)), {k: _to(v, device) for k, v in self.kwargs.items()}
+
+    def head(self, n: int = 1) -> BlockInputs:
+        """The first ``n`` windows."""
+        if self.calls is not None:
+            return BlockInputs(calls=self.calls[:n])
+        return BlockInputs(self.hidden[:n], self.kwargs, self.args)
 
 
 def compute_context(device: torch.device, dtype: torch.dtype | None):
@@ -78,32 +135,113 @@ def compute_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def _input_device(model: nn.Module, device: torch.device | None) -> torch.device:
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tensor = next(iter([*embed.parameters(), *embed.buffers()]), None) if embed is not None else None
+    return tensor.device if tensor is not None else (device or torch.device("cpu"))
+
+
+def _forward(model: nn.Module, window: torch.Tensor, device: torch.device) -> None:
+    try:
+        model(input_ids=window[None].to(device), use_cache=False)
+    except _StopForward:
+        pass
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (objects without a usable ==)
+        return a is b
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor,
-                         device: torch.device, offload: torch.device = torch.device("cpu")) -> BlockInputs:
-    """Run each window up to ``first_block`` and record what it would receive."""
-    hidden, captured = [], {}
+def probe_block_calls(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device):
+    """Run ``windows`` through the whole model. Returns, per window, each block's extra inputs
+    ``{block: (args, kwargs)}`` (hidden states left out) and whether every block's input was the
+    previous block's output."""
+    calls: list[dict[int, tuple]] = [{} for _ in windows]
+    feeds = [True for _ in windows]
+    current, previous = [0], [None]  # the window running; the last block output seen
+    handles = []
+    for b, block in enumerate(blocks):
+        def pre(module, args, kwargs, b=b):
+            hidden, args, kwargs = _split_hidden(*_record_call(args, kwargs))
+            if b and (previous[0] is None or not _same(previous[0], hidden)):
+                feeds[current[0]] = False
+            calls[current[0]][b] = (args, kwargs)
+
+        def post(module, args, kwargs, output, b=b):
+            previous[0] = _block_output(output)
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post, with_kwargs=True))
+    try:
+        for w, window in enumerate(windows):
+            current[0], previous[0] = w, None
+            _forward(model, window, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, feeds
+
+
+def _chainable(calls, feeds, n_blocks: int) -> bool:
+    """Whether the blocks' extra inputs are the same for both probes and each block feeds the next."""
+    if not all(feeds) or any(set(c) != set(range(n_blocks)) for c in calls):
+        return False
+    return all(_same(calls[0][b], calls[1][b]) for b in range(n_blocks))
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, device: torch.device,
+                         offload: torch.device = torch.device("cpu")) -> BlockInputs:
+    """Each window's whole call of ``block``, the model run up to it (the replayed form)."""
+    calls = []
 
     def grab(module, args, kwargs):
-        states = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(states.to(offload))
-        if not captured:
-            captured.update({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")})
-            captured["use_cache"] = False
+        args, kwargs = _record_call(args, kwargs)
+        calls.append((_to(args, offload), {k: _to(v, offload) for k, v in kwargs.items()}))
         raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    _run_to(model, block, windows, device, grab, calls, "a block")
+    first_args, first_kwargs = calls[0]
+    for i, (args, kwargs) in enumerate(calls[1:], start=1):  # share what every window receives alike
+        calls[i] = (tuple(a0 if j and _same(a, a0) else a for j, (a, a0) in enumerate(zip(args, first_args))),
+                    {k: first_kwargs[k] if k in first_kwargs and _same(v, first_kwargs[k]) else v
+                     for k, v in kwargs.items()})
+    return BlockInputs(calls=calls)
+
+
+def _first_hidden(model, first_block, windows, device, offload) -> torch.Tensor:
+    """Hidden states of every window at the first block."""
+    hidden = []
+
+    def grab(module, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).to(offload))
+        raise _StopForward
+
+    _run_to(model, first_block, windows, device, grab, hidden, "the first block")
+    return torch.cat(hidden)
+
+
+def _run_to(model, block, windows, device, grab, grabbed: list, what: str) -> None:
+    """Run every window until ``block``, whose pre-hook ``grab`` records its call into ``grabbed`` and stops."""
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for window in windows:
-            try:
-                model(input_ids=window[None].to(device), use_cache=False)
-            except _StopForward:
-                pass
+            _forward(model, window, device)
     finally:
         handle.remove()
-    if len(hidden) != len(windows):
-        raise RuntimeError(f"the first block of {type(model).__name__} was not reached by the forward pass")
-    return BlockInputs(torch.cat(hidden), captured)
+    if len(grabbed) != len(windows):
+        raise RuntimeError(f"{what} of {type(model).__name__} was not reached by the forward pass")
 
 
 def _block_output(output):
@@ -114,23 +252,24 @@ def _block_output(output):
 def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, update: bool = False,
               dtype: torch.dtype | None = None,
               observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
-    """Run every window through ``block``; with ``update``, write its outputs over the inputs.
+    """Run every window through ``block``; with ``update`` (chained inputs), write its outputs over
+    the inputs.
 
     A forward may end early (a hook raising :class:`_StopForward` once it has what it needs).
     ``dtype`` runs the block under autocast (hidden states stay in their own dtype).
     ``observe(input, output)`` sees each window's hidden states before and after the block.
     """
-    kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
-    for i in range(inputs.hidden.shape[0]):
-        x = inputs.hidden[i : i + 1].to(device)
+    for i in range(len(inputs)):
+        args, kwargs = inputs.call(i, device)
+        x = args[0] if args else kwargs.get("hidden_states")
         try:
             with compute_context(device, dtype):
-                out = _block_output(block(x, **kwargs))
+                out = _block_output(block(*args, **kwargs))
         except _StopForward:
             continue
         if observe is not None:
             observe(x, out)
-        if update:
+        if update and inputs.calls is None:
             inputs.hidden[i : i + 1] = out.to(inputs.hidden.device, inputs.hidden.dtype)
 
 
@@ -139,7 +278,74 @@ def _to(value, device):
         return value.to(device)
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
+
+
+@dataclass
+class BlockStep:
+    """One step of :func:`walk_blocks`: block ``index`` (named ``name``) and what it receives."""
+
+    index: int
+    name: str
+    block: nn.Module
+    inputs: BlockInputs
+    hooks: list = field(default_factory=list)  # handles the walk's own pass runs, then removes
+
+
+def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | None = None,
+                dtype: torch.dtype | None = None, start: int = 0, restore: Callable | None = None,
+                observe: Callable | None = None, after: Callable | None = None) -> Iterator[BlockStep]:
+    """Yield every block (from ``start``) with its calibration inputs, on ``device``.
+
+    After the caller's work on a step, the walk runs the windows through the block again (so the
+    next block sees its outputs as the caller left it; hooks the caller put in ``step.hooks`` see
+    this pass and are removed after it), calls ``after(step)`` (the inputs now hold the next
+    block's hidden states) and moves the block back to the offload device.
+    ``restore(hidden)`` runs first when resuming at ``start``: it puts back what earlier blocks
+    became, and the hidden states at block ``start`` of a chained walk (``None`` when replaying).
+    ``observe(index, input, output)`` sees each window's hidden states around each block.
+    """
+    from .models import block_names, decoder_blocks
+
+    blocks = decoder_blocks(model)
+    names = block_names(model)
+    offload = next(model.parameters()).device
+    device = device or offload
+    input_device = _input_device(model, device)
+    probes = torch.stack([windows[0], windows[1] if len(windows) > 1 else windows[0].flip(0)])
+    calls, feeds = probe_block_calls(model, blocks, probes, input_device)
+    chained = _chainable(calls, feeds, len(blocks))
+    if not chained:
+        logger.info("calibration replays the model up to each block (its blocks take token-dependent inputs or "
+                    "do not feed each other directly)")
+    hidden = _first_hidden(model, blocks[0], windows, input_device, offload) if chained else None
+    if start and restore is not None:
+        restore(hidden)
+    for b in range(start, len(blocks)):
+        if b not in calls[0]:
+            logger.warning("%s is not reached by the forward pass; nothing to calibrate there", names[b])
+            continue
+        if chained:
+            args, kwargs = calls[0][b]
+            inputs = BlockInputs(hidden, kwargs, args)
+        else:
+            inputs = capture_block_inputs(model, blocks[b], windows, input_device, offload)
+        step = BlockStep(b, names[b], blocks[b].to(device), inputs)
+        yield step
+        watch = (lambda x, out, b=b: observe(b, x, out)) if observe is not None else None
+        try:
+            if chained or watch is not None or step.hooks:
+                run_block(step.block, inputs, device, update=chained, dtype=dtype, observe=watch)
+        finally:
+            for handle in step.hooks:
+                handle.remove()
+        if after is not None:
+            after(step)
+        blocks[b].to(offload)
 
 
 @contextmanager

@@ -91,8 +91,9 @@ class _Section:
         values = {}
         for key, value in data.items():
             hint = hints[key]
-            if isinstance(hint, type) and issubclass(hint, _Section):  # a nested section, e.g. distill.loss
-                values[key] = value if isinstance(value, hint) else hint.from_dict(value, _where(path, key))
+            section = _section_of(hint)
+            if section is not None and (value is not None or hint is section):  # a nested section, e.g. distill.loss
+                values[key] = value if isinstance(value, section) else section.from_dict(value, _where(path, key))
                 continue
             _check_type(value, hint, f"recipe {_where(path, key)}")
             values[key] = [list(v) if isinstance(v, list) else v for v in value] if isinstance(value, list) else value
@@ -109,6 +110,15 @@ class _Section:
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _section_of(hint: Any) -> type | None:
+    """The section class of ``Section`` or ``Section | None`` annotations."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if isinstance(option, type) and issubclass(option, _Section):
+            return option
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -138,12 +148,44 @@ class CalibrationConfig(_Section):
 
 
 @dataclass
+class ExpertsOptions(_Section):
+    """How GPTQ calibrates the experts of MoE layers (``quantize.experts``)."""
+
+    calibrate_all: bool = False  # every calibration token through every expert (only routed outputs move on)
+    min_tokens: int = 16  # an expert routed fewer tokens is rounded to nearest (RTN), and the log says so
+
+    def validate(self):
+        if self.min_tokens < 0:
+            raise RecipeError(f"min_tokens: {self.min_tokens} must be >= 0")
+
+
+@dataclass
+class EmbeddingOptions(_Section):
+    """Quantize the input embedding table too (``quantize.embeddings``): one packed table for the
+    lookup and, when tied, the output projection."""
+
+    bits: int = 8
+    group_size: int = 128
+    sym: bool = True
+
+    def validate(self):
+        if self.bits not in (4, 8):
+            raise RecipeError(f"bits: {self.bits} is not valid for an embedding table; valid: 4, 8")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise RecipeError(f"group_size: {self.group_size} is not valid; use -1 (one group per row) or a positive size")
+
+
+@dataclass
 class QuantizeStage(_Section):
     """``quantize``: weight-only integer quantization of the linear layers.
 
     ``lm_head: true`` also quantizes the output projection (if it is tied to the input
-    embeddings, the tie is broken: the embeddings stay in float). The keys after ``ignore``
-    apply to ``method: gptq`` only (see ``hfcompress.quantization.gptq``).
+    embeddings and ``embeddings`` is not set, the tie is broken: the embeddings stay in float).
+    Only the language model is quantized: ``include`` names modules outside it (a vision tower)
+    to quantize too; MoE routers stay in float unless ``routers: true``. ``strict: true`` fails
+    when more than 10% of the decoder's linear and expert weights would stay in float (else a
+    warning names them). The keys from ``act_order`` on apply to ``method: gptq`` only (see
+    ``hfcompress.quantization.gptq``).
     """
 
     name: ClassVar[str] = "quantize"
@@ -156,6 +198,11 @@ class QuantizeStage(_Section):
     sym: bool = True
     lm_head: bool = False
     ignore: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)
+    routers: bool = False
+    strict: bool = False
+    embeddings: EmbeddingOptions | None = None
+    experts: ExpertsOptions = field(default_factory=ExpertsOptions)
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
@@ -224,6 +271,7 @@ class PruneStage(_Section):
     ffn: float | int = 0
     hidden: float | int = 0
     layers: int = 0
+    experts: float | int = 0  # experts of every MoE layer, the least routed-to first
     importance: str = "activation"
     gqa: str = "groups"
     uniform: bool = True
@@ -231,12 +279,13 @@ class PruneStage(_Section):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.importance != "magnitude" or self.layers > 0
+        return self.importance != "magnitude" or self.layers > 0 or bool(self.experts)
 
     def validate(self):
         _check_amount("heads", self.heads, "attention heads")
         _check_amount("ffn", self.ffn, "FFN channels")
         _check_amount("hidden", self.hidden, "hidden channels")
+        _check_amount("experts", self.experts, "experts")
         if self.layers < 0:
             raise RecipeError(f"layers: {self.layers} must be a count of decoder layers to remove (>= 0)")
         if self.importance not in self.IMPORTANCE:

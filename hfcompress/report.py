@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import CheckpointError
-from .formats.checkpoint import read_tensor_headers
+from .formats.checkpoint import read_tensor_headers, stored_names
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -36,13 +37,28 @@ def tensor_nbytes(files) -> dict[str, int]:
     return {key: _nbytes(dtype, shape) for key, (dtype, shape) in read_tensor_headers(files).items()}
 
 
-def _module_type(module: str, shape: tuple[int, ...]) -> str:
+_BLOCK = re.compile(r"\.\d+\.")  # a name inside a stack of blocks (layers.3.)
+
+
+def _is_embedding(module: str) -> bool:
     leaf = module.rsplit(".", 1)[-1]
-    if "embed" in leaf or leaf in ("wte", "wpe", "shared"):
+    return "embed" in leaf or leaf in ("wte", "wpe", "shared")
+
+
+def _module_type(module: str, shape: tuple[int, ...]) -> str:
+    if _is_embedding(module):
         return "embedding"
-    if leaf == "lm_head" or len(shape) == 2:
+    if len(shape) == 3:
+        return "float experts"
+    if module.rsplit(".", 1)[-1] == "lm_head" or len(shape) == 2:
         return "float linear"
     return "other (norms, biases)"
+
+
+def _quantized_type(module: str) -> str:
+    if _is_embedding(module):
+        return "quantized embedding"
+    return "quantized experts" if ".experts." in module else "quantized linear"
 
 
 def _params_of(module: str, shapes: dict, formats: dict, linear_shapes: dict | None) -> int:
@@ -79,6 +95,7 @@ def _reused_params(config: dict, qconfig: dict, shapes: dict, formats: dict, lin
     return reused
 
 
+
 def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]] | None = None) -> dict:
     """A JSON-ready summary of a saved model folder."""
     directory = Path(directory)
@@ -89,7 +106,8 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")
-    headers = read_tensor_headers(files)
+    stored = read_tensor_headers(files)
+    headers = {name: stored[key] for name, key in stored_names(directory, config, stored).items()}
     shapes = {key: shape for key, (_, shape) in headers.items()}
 
     qconfig = config.get("quantization_config") or {}
@@ -105,9 +123,11 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
         entry["params"] += params
         entry["bytes"] += nbytes
 
+    block_total = block_float = 0  # weight matrices inside the blocks: how many stayed in float
     for key, (dtype, shape) in headers.items():
         module, _, tensor = key.rpartition(".")
         nbytes = _nbytes(dtype, shape)
+        in_block = bool(_BLOCK.search(key)) and not _is_embedding(module)
         if module in formats:
             group = formats[module]
             if tensor == "qweight":
@@ -115,16 +135,20 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
                     in_features = linear_shapes[module][0]
                 else:
                     in_features = shape[0] * 32 // group["bits"]
-                add("quantized linear", in_features * shape[1], nbytes)
+                add(_quantized_type(module), in_features * shape[1], nbytes)
+                block_total += in_features * shape[1] if in_block else 0
             elif tensor == "bias":
                 add("other (norms, biases)", shape[0], nbytes)
             else:
-                add("quantized linear", 0, nbytes)
+                add(_quantized_type(module), 0, nbytes)
             continue
         params = 1
         for dim in shape:
             params *= dim
         add(_module_type(module, shape), params, nbytes)
+        if in_block and len(shape) >= 2:
+            block_total += params
+            block_float += params
 
     for entry in by_type.values():
         entry["bits_per_weight"] = round(8 * entry["bytes"] / entry["params"], 3) if entry["params"] else None
@@ -152,6 +176,7 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
         "file_bytes": sum(f.stat().st_size for f in files),
         "folder_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
         "bits_per_weight": round(8 * tensor_bytes / params, 3) if params else None,
+        "float_share": round(block_float / block_total, 4) if block_total else 0.0,
         "by_type": by_type,
         "metrics": qconfig.get("metrics", {}) if qconfig.get("quant_method") == "hfcompress" else {},
     }
@@ -183,5 +208,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"shared: {summary['unique_params']:,} unique parameters stored, {summary['total_params']:,} "
                      "as the network uses them (tied or shared weights count once per use)")
     lines.append(f"{'total':<24}{summary['params']:>14,}{format_bytes(summary['tensor_bytes']):>12}{bpw:>13}")
+    lines.append(f"weight matrices of the decoder blocks left in float: {summary['float_share']:.1%}")
     lines.append(f"files on disk: {format_bytes(summary['folder_bytes'])}")
     return "\n".join(lines)

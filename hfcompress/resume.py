@@ -67,8 +67,9 @@ class ResumeState:
             )
         return int(state["blocks_done"])
 
-    def restore(self, model: torch.nn.Module, hidden: torch.Tensor) -> dict[str, LinearFormat]:
-        """Put the finished blocks' packed modules into ``model`` and the saved hidden states into ``hidden``."""
+    def restore(self, model: torch.nn.Module, hidden: torch.Tensor | None = None) -> dict[str, LinearFormat]:
+        """Put the finished blocks' packed modules into ``model`` and the saved hidden states into
+        ``hidden`` (a chained walk; a replayed one recomputes them)."""
         state = json.loads(self._state_file.read_text())
         restored = {}
         for block in range(state["blocks_done"]):
@@ -80,11 +81,12 @@ class ResumeState:
                 module.load_state_dict(own, strict=True, assign=True)  # keep the saved dtypes
                 model.set_submodule(name, module)
                 restored[name] = fmt
-        hidden.copy_(load_file(self.folder / state["hidden"])["hidden"])
+        if hidden is not None and state["hidden"]:
+            hidden.copy_(load_file(self.folder / state["hidden"])["hidden"])
         logger.info("resumed from %s: %d blocks already done", self.folder, state["blocks_done"])
         return restored
 
-    def save(self, block: int, modules: dict[str, QuantLinear], hidden: torch.Tensor) -> None:
+    def save(self, block: int, modules: dict[str, QuantLinear], hidden: torch.Tensor | None) -> None:
         """Record that ``block`` is finished, with its packed modules and the next block's inputs."""
         self.folder.mkdir(parents=True, exist_ok=True)
         state = json.loads(self._state_file.read_text()) if self._state_file.exists() else {
@@ -92,8 +94,9 @@ class ResumeState:
         tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
         _atomic_save(tensors, self.folder / f"block_{block:04d}.safetensors")
         previous_hidden = state["hidden"]
-        state["hidden"] = f"hidden_{block:04d}.safetensors"
-        _atomic_save({"hidden": hidden}, self.folder / state["hidden"])
+        state["hidden"] = f"hidden_{block:04d}.safetensors" if hidden is not None else None
+        if hidden is not None:
+            _atomic_save({"hidden": hidden}, self.folder / state["hidden"])
         state["blocks"][str(block)] = list(modules)
         state["modules"].update({name: m.format.to_dict() for name, m in modules.items()})
         state["in_features"].update({name: m.in_features for name, m in modules.items()})

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfcompress
-from hfcompress.calibration import calibration_windows, capture_block_inputs, input_hooks, run_block, sample_windows
+from hfcompress.calibration import calibration_windows, input_hooks, run_block, sample_windows, walk_blocks
 from hfcompress.errors import DataError
-from hfcompress.models import decoder_blocks
+from hfcompress.models import ArchitectureError, decoder_blocks, final_norm
 from hfcompress.quantization.gptq_runner import InputTracker
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
@@ -39,37 +39,107 @@ def test_windows_are_reproducible_and_checked():
         sample_windows(torch.arange(10), 1, 64, 0)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_opt, tiny_bert])
+def tiny_gemma3(**overrides):
+    """Sliding-window and full-attention layers: each receives its own mask and rotary embeddings."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=300, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              **overrides)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def last_hidden(model, windows=WINDOWS):
+    """The last block's output for every window, as the walk computes it."""
+    outs = {}
+    blocks = decoder_blocks(model)
+    for _ in walk_blocks(model, windows, observe=lambda b, x, out: outs.setdefault(b, []).append(out)):
+        pass
+    return torch.cat(outs[len(blocks) - 1])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_opt, tiny_bert, tiny_gemma3])
 def test_block_inputs_reproduce_the_full_forward(make):
     model = make()
-    blocks = decoder_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], WINDOWS, torch.device("cpu"))
-    assert inputs.hidden.shape[:2] == WINDOWS.shape
-    for block in blocks:
-        run_block(block, inputs, torch.device("cpu"), update=True)
     with torch.no_grad():
         out = model(input_ids=WINDOWS, output_hidden_states=True)
-    last = out.hidden_states[-1]
-    final_norm = {"llama": lambda m: m.model.norm, "gpt2": lambda m: m.transformer.ln_f,
-                  "opt": lambda m: m.model.decoder.final_layer_norm, "bert": lambda m: torch.nn.Identity()}
+    norm = final_norm(model) or torch.nn.Identity()
     # transformers reports the last hidden state after the final norm (BERT has none).
-    expected = final_norm[model.config.model_type](model)(inputs.hidden)
-    assert torch.allclose(expected, last, atol=1e-5)
+    assert torch.allclose(norm(last_hidden(model)), out.hidden_states[-1], atol=1e-5)
 
 
-def test_unsupported_families_name_the_supported_ones():
+def test_sliding_window_layers_get_their_own_mask():
+    """A walk that gave every block the first block's mask would compute other outputs."""
+    model = tiny_gemma3()
+    plain = tiny_gemma3()
+    plain.config.layer_types = ["sliding_attention"] * 3
+    for layer in plain.model.layers:
+        layer.attention_type = layer.self_attn.attention_type = "sliding_attention"
+        layer.self_attn.sliding_window = 8
+    with torch.no_grad():
+        full = model(input_ids=WINDOWS, output_hidden_states=True).hidden_states[-1]
+        sliding = plain(input_ids=WINDOWS, output_hidden_states=True).hidden_states[-1]
+    assert not torch.allclose(full, sliding, atol=1e-4)  # the layer types matter here
+    assert torch.allclose(model.model.norm(last_hidden(model)), full, atol=1e-5)
+
+
+class BetweenBlocks(torch.nn.Module):
+    """A model that transforms its hidden states between blocks, so blocks do not feed each other."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(300, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(3)])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False, outputs=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+            if outputs is not None:
+                outputs.append(h)
+            h = torch.tanh(h) + 1
+        return h
+
+
+def test_blocks_that_do_not_feed_each_other_are_replayed(caplog):
+    model = BetweenBlocks()
+    expected = []
+    with torch.no_grad():
+        model(WINDOWS, outputs=expected)
+    with caplog.at_level("INFO", logger="hfcompress.calibration"):
+        walked = last_hidden(model)
+    assert "replays" in caplog.text
+    assert torch.allclose(walked, expected[-1], atol=1e-6)
+
+
+def test_gptq_works_on_families_detected_from_the_module_tree():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                             num_attention_heads=4, vocab_size=100))
-    with pytest.raises(ValueError, match="model type 'gpt_neox'.*supported: bert, gpt2, llama, mistral, opt, qwen2"):
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=300)).eval()
+    hfcompress.compress(model, gptq(), calibration_data=WINDOWS)
+    assert type(model.gpt_neox.layers[1].attention.query_key_value).__name__ == "QuantLinear"
+
+
+def test_encoder_decoder_models_are_refused_clearly():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=100))
+    with pytest.raises(ArchitectureError, match="encoder-decoder"):
         hfcompress.compress(model, gptq(), calibration_data=WINDOWS)
 
 
 def test_linears_reading_one_input_share_a_hessian():
     model = tiny_llama()
     block = decoder_blocks(model)[0]
-    inputs = capture_block_inputs(model, block, WINDOWS, torch.device("cpu"))
+    inputs = next(walk_blocks(model, WINDOWS)).inputs
     targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     tracker = InputTracker()
     with input_hooks(targets, tracker):
@@ -183,7 +253,7 @@ def test_block_errors_match_each_modules_own_gptq():
 
     model = tiny_llama()  # float32: the weights the runner reads share storage with the modules
     block = decoder_blocks(model)[0]
-    inputs = capture_block_inputs(model, block, WINDOWS, torch.device("cpu"))
+    inputs = next(walk_blocks(model, WINDOWS)).inputs
     targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     originals = {n: m.weight.detach().clone() for n, m in targets.items()}
     stage = QuantizeStage(method="gptq", bits=4, group_size=32, true_sequential=False)

@@ -12,7 +12,7 @@ import torch
 from conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 
 import hfcompress
-from hfcompress.pruning import PruningError, family_of
+from hfcompress.pruning import PruningError, layout_of
 from hfcompress.pruning.select import choose, head_units, remove_count
 from hfcompress.pruning.layout import LayerSizes
 from hfcompress.recipe import RecipeError
@@ -31,8 +31,8 @@ def prune(model, **stage):
 def sizes(model):
     from hfcompress.models import decoder_blocks
 
-    family = family_of(model)
-    return [family.sizes(block) for block in decoder_blocks(model)]
+    layout = layout_of(model)
+    return [layout.sizes(block) for block in decoder_blocks(model)]
 
 
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": tiny_bert}
@@ -232,16 +232,20 @@ def test_per_group_without_gqa_is_an_error():
         prune(tiny_gpt2(), heads=1, gqa="per_group")
 
 
-def test_hidden_pruning_outside_the_llama_family_is_an_error():
-    with pytest.raises(PruningError, match="llama"):
-        prune(tiny_gpt2(), hidden=0.25)
+def test_hidden_pruning_the_config_cannot_describe_is_refused_before_cutting():
+    model = tiny_gpt2()  # absolute position embeddings and head sizes derived from the hidden size
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="hidden: 'gpt2'"):
+        prune(model, hidden=0.25)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_unsupported_family_names_the_supported_ones():
-    from transformers import T5Config, T5Model
+def test_blocks_without_attention_and_mlp_are_refused_with_the_reason():
+    from transformers import MambaConfig, MambaForCausalLM
 
-    with pytest.raises(PruningError, match="supported: bert, gpt2, llama"):
-        prune(T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=50)), heads=1)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300, state_size=4))
+    with pytest.raises(PruningError, match="layer 0 of 'mamba'.*Mamba"):
+        prune(model, heads=1)
 
 
 @pytest.mark.parametrize("stage, message", [

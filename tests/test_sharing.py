@@ -405,10 +405,9 @@ def test_stage_order_errors():
         share(tiny_bert(), tie_embeddings="input")
 
 
-def test_unsupported_family_names_the_supported_ones():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def test_blocks_without_attention_and_mlp_are_refused_with_the_reason():
+    from transformers import MambaConfig, MambaForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, vocab_size=300))
-    with pytest.raises((SharingError, ValueError), match="gpt_neox"):
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300, state_size=4))
+    with pytest.raises(SharingError, match="layer 0 of 'mamba'"):
         share(model, every=2)

@@ -45,13 +45,55 @@ def read_tensor_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[in
     return {key: shape for key, (_, shape) in read_tensor_headers(files).items()}
 
 
+def loaded_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """``{name in the model: name in the file}``: transformers renames some families' tensors on
+    save (Mixtral's ``mlp`` back to ``block_sparse_moe``, Gemma 3's ``model.language_model`` to
+    ``language_model.model``) and renames them back on load; this applies the load-time renaming."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    return {rename_source_key(key, renamings, converters)[0]: key for key in keys}
+
+
+def skeleton(directory: str | os.PathLike, config: dict) -> nn.Module | None:
+    """The saved model's class built empty on the meta device (no weights, never remote code),
+    without its quantization config; None when transformers has no such class."""
+    architecture = (config.get("architectures") or [None])[0]
+    try:
+        import torch
+        import transformers
+        from transformers import AutoConfig
+
+        cls = getattr(transformers, architecture, None) if architecture else None
+        if cls is None:
+            return None
+        model_config = AutoConfig.from_pretrained(directory)
+        if hasattr(model_config, "quantization_config"):
+            del model_config.quantization_config
+        with torch.device("meta"):
+            return cls._from_config(model_config)
+    except Exception:  # noqa: BLE001  (callers fall back to the names as stored)
+        return None
+
+
+def stored_names(directory: str | os.PathLike, config: dict, keys) -> dict[str, str]:
+    """``{name in the model: name in the file}`` for the tensors of a saved folder, through
+    transformers' load-time renaming (names as stored when the class cannot be built)."""
+    model = skeleton(directory, config)
+    return loaded_names(model, keys) if model is not None else {key: key for key in keys}
+
+
 def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Module, config: CompressionConfig) -> None:
     """Raise :class:`CheckpointError` unless ``files`` hold every packed tensor ``model`` expects."""
-    shapes = read_tensor_shapes(files)
+    stored = read_tensor_shapes(files)
+    shapes = {name: stored[key] for name, key in loaded_names(model, stored).items()}
     prefix = getattr(model, "base_model_prefix", "")
     missing, wrong = [], []
     for name in config.modules:
-        for buffer_name, buffer in model.get_submodule(name).named_buffers():
+        for buffer_name, buffer in model.get_submodule(name).state_dict(keep_vars=True).items():
             key = f"{name}.{buffer_name}"
             candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
             found = next((shapes[c] for c in candidates if c in shapes), None)

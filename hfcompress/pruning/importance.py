@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import capture_block_inputs, run_block
-from ..models import decoder_blocks, linear_weight
-from .layout import Family, PruningError
+from ..calibration import run_block, walk_blocks
+from ..models import decoder_blocks, linear_weight, linear_weight_grad
+from ..models.layout import head_rows
+from .layout import PruningError, PruningLayout
 
 logger = logging.getLogger(__name__)
 
@@ -65,86 +66,99 @@ class Scores:
                    [tensors[f"{i}.ffn"] for i in range(n)], tensors.get("hidden"), tensors.get("layers"))
 
 
-def _norm_modules(family: Family, block: nn.Module) -> list[nn.Module]:
-    return [block.get_submodule(path) for path in family.norms]
+def _norm_modules(layout: PruningLayout, block: nn.Module) -> list[nn.Module]:
+    return [block.get_submodule(path) for path in layout.block.norms]
 
 
 @torch.no_grad()
-def activation_scores(model: nn.Module, family: Family, windows: torch.Tensor, device: torch.device | None = None,
-                      dtype: torch.dtype | None = None, hidden: bool = False) -> Scores:
-    """Activation importance and Block Influence, one block at a time on ``device``."""
+def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: torch.Tensor,
+                      device: torch.device | None = None, dtype: torch.dtype | None = None,
+                      hidden: bool = False) -> Scores:
+    """Activation importance and Block Influence, one block at a time on ``device`` (``layout``
+    None: Block Influence only)."""
     blocks = decoder_blocks(model)
-    offload = next(model.parameters()).device
-    device = device or offload
-    inputs = capture_block_inputs(model, blocks[0], windows, device, offload)
     scores = Scores("activation")
-    influence = []
-    hidden_sum = None
-    for block in tqdm(blocks, desc="importance (activation)", unit="layer"):
-        block.to(device)
-        hd = family.head_dim(block)
-        sizes = family.sizes(block)
-        sums = {"heads": torch.zeros(sizes.heads, device=device), "ffn": torch.zeros(sizes.ffn, device=device),
-                "tokens": 0, "cos": 0.0, "hidden": None}
+    influence = torch.zeros(len(blocks))
+    state: dict = {}
 
-        def head_hook(module, args):
-            x = args[0].detach().float().reshape(-1, sizes.heads, hd)
-            sums["heads"] += x.norm(dim=-1).sum(0)
-            sums["tokens"] += x.shape[0]
+    def observe(b, x, out):
+        cos = torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1)
+        influence[b] += float(cos.mean())
 
-        def ffn_hook(module, args):
-            sums["ffn"] += args[0].detach().float().reshape(-1, sizes.ffn).abs().sum(0)
+    def head_hook(module, args):
+        x = args[0].detach().float().reshape(-1, state["sizes"].heads, state["hd"])
+        state["heads"] += x.norm(dim=-1).sum(0)
+        state["tokens"] += x.shape[0]
 
-        def norm_hook(module, args, output):
-            x = output.detach().float().reshape(-1, output.shape[-1]).abs().mean(0)
-            sums["hidden"] = x if sums["hidden"] is None else sums["hidden"] + x
+    def ffn_hook(module, args):
+        state["ffn"] += args[0].detach().float().reshape(-1, state["sizes"].ffn).abs().sum(0)
 
-        def observe(x, out):
-            cos = torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1)
-            sums["cos"] += float(cos.mean())
+    def norm_hook(module, args, output):
+        x = output.detach().float().reshape(-1, output.shape[-1]).abs().mean(0)
+        state["hidden"] = x if state["hidden"] is None else state["hidden"] + x
 
-        handles = [block.get_submodule(family.out).register_forward_pre_hook(head_hook),
-                   block.get_submodule(family.ffn_out).register_forward_pre_hook(ffn_hook)]
+    def collect(step):
+        """After the walk's own pass through the block (which ran the hooks): the block's scores."""
+        if layout is not None:
+            tokens = max(state["tokens"], 1)
+            scores.heads.append((state["heads"] / tokens).cpu())
+            scores.kv_heads.append(torch.zeros(state["sizes"].kv_heads))
+            scores.ffn.append((state["ffn"] / tokens).cpu())
+            if hidden:
+                layer_hidden = state["hidden"].cpu() / len(windows)
+                state["hidden_sum"] = layer_hidden if state.get("hidden_sum") is None else state["hidden_sum"] + layer_hidden
+        progress.update(1)
+
+    progress = tqdm(total=len(blocks), desc="importance (activation)", unit="layer")
+    for step in walk_blocks(model, windows, device, dtype, observe=observe, after=collect):
+        if layout is None:
+            continue
+        block = step.block
+        sizes = layout.sizes(block)
+        device_here = next(block.parameters()).device
+        state.update(sizes=sizes, hd=layout.head_dim(), tokens=0, hidden=None,
+                     heads=torch.zeros(sizes.heads, device=device_here), ffn=torch.zeros(sizes.ffn, device=device_here))
+        handles = [block.get_submodule(layout.attention.out).register_forward_pre_hook(head_hook)]
+        if layout.mlp is not None:
+            handles.append(block.get_submodule(layout.mlp.out).register_forward_pre_hook(ffn_hook))
         if hidden:
-            handles += [norm.register_forward_hook(norm_hook) for norm in _norm_modules(family, block)]
-        try:
-            run_block(block, inputs, device, update=True, dtype=dtype, observe=observe)
-        finally:
-            for handle in handles:
-                handle.remove()
-        block.to(offload)
-        tokens = max(sums["tokens"], 1)
-        scores.heads.append((sums["heads"] / tokens).cpu())
-        scores.kv_heads.append(torch.zeros(sizes.kv_heads))
-        scores.ffn.append((sums["ffn"] / tokens).cpu())
-        influence.append(1 - sums["cos"] / len(windows))
-        if hidden:
-            layer_hidden = sums["hidden"].cpu() / len(windows)
-            hidden_sum = layer_hidden if hidden_sum is None else hidden_sum + layer_hidden
-    scores.layers = torch.tensor(influence)
-    scores.hidden = hidden_sum
+            handles += [norm.register_forward_hook(norm_hook) for norm in _norm_modules(layout, block)]
+        step.hooks += handles  # the walk's own pass through the block runs them
+    progress.close()
+    scores.layers = 1 - influence / len(windows)
+    scores.hidden = state.get("hidden_sum")
     return scores
 
 
-def _weight_scores(model: nn.Module, family: Family, per_weight) -> Scores:
+def _weight_scores(model: nn.Module, layout: PruningLayout, per_weight) -> Scores:
     """Sum ``per_weight(module)`` (a tensor shaped like the ``[out, in]`` weight) over each unit."""
     scores = Scores("")
     for block in decoder_blocks(model):
-        hd = family.head_dim(block)
-        sizes = family.sizes(block)
-        out = per_weight(block.get_submodule(family.out))  # [hidden, H * hd]
+        hd = layout.head_dim()
+        sizes = layout.sizes(block)
+        att = layout.attention
+        out = per_weight(block.get_submodule(att.out))  # [hidden, H * hd]
         heads = out.reshape(out.shape[0], sizes.heads, hd).sum(dim=(0, 2))
-        if len(family.qkv) == 1:  # fused [q | k | v]: a head owns its rows in all three
-            qkv = per_weight(block.get_submodule(family.qkv[0])).sum(1).reshape(3, sizes.heads, hd)
-            heads = heads + qkv.sum(dim=(0, 2))
-            kv_heads = torch.zeros(sizes.kv_heads)
+        if att.qkv:  # a head owns its rows of the fused projection, wherever they lie
+            rows = per_weight(block.get_submodule(att.qkv)).sum(1)
+            heads = heads + torch.stack([rows[head_rows(att, sizes, hd, [h], [])].sum() for h in range(sizes.heads)])
+            kv_heads = torch.stack([rows[head_rows(att, sizes, hd, [], [j])].sum() for j in range(sizes.kv_heads)])
         else:
-            q, k, v = (per_weight(block.get_submodule(p)).sum(1) for p in family.qkv)
+            q, k, v = (per_weight(block.get_submodule(p)).sum(1) for p in (att.q, att.k, att.v))
             heads = heads + q.reshape(sizes.heads, hd).sum(1)
             kv_heads = (k + v).reshape(sizes.kv_heads, hd).sum(1)
-        ffn = per_weight(block.get_submodule(family.ffn_out)).sum(0)
-        for path in family.ffn_in:
+        width = sizes.ffn
+        if layout.mlp is None:
+            scores.heads.append(heads.float().cpu())
+            scores.kv_heads.append(kv_heads.float().cpu())
+            scores.ffn.append(torch.zeros(0))
+            continue
+        ffn = per_weight(block.get_submodule(layout.mlp.out)).sum(0)
+        for path in layout.mlp.inputs:
             ffn = ffn + per_weight(block.get_submodule(path)).sum(1)
+        for path in layout.mlp.fused:
+            rows = per_weight(block.get_submodule(path)).sum(1)
+            ffn = ffn + rows[:width] + rows[width:]
         scores.heads.append(heads.float().cpu())
         scores.kv_heads.append(kv_heads.float().cpu())
         scores.ffn.append(ffn.float().cpu())
@@ -157,21 +171,21 @@ def _embedding_columns(model: nn.Module, per_weight) -> torch.Tensor:
 
 
 @torch.no_grad()
-def magnitude_scores(model: nn.Module, family: Family, hidden: bool = False) -> Scores:
+def magnitude_scores(model: nn.Module, layout: PruningLayout, hidden: bool = False) -> Scores:
     """Squared weight norms of each unit's slices."""
 
     def squared(module):
         weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
         return weight.detach().float() ** 2
 
-    scores = _weight_scores(model, family, squared)
+    scores = _weight_scores(model, layout, squared)
     scores.method = "magnitude"
     if hidden:
         scores.hidden = _embedding_columns(model, squared)
     return scores
 
 
-def taylor_scores(model: nn.Module, family: Family, windows: torch.Tensor, hidden: bool = False) -> Scores:
+def taylor_scores(model: nn.Module, layout: PruningLayout, windows: torch.Tensor, hidden: bool = False) -> Scores:
     """First-order Taylor importance: per window, ``(sum of w * dL/dw)**2`` over each head, key/value
     head and channel, averaged over ``windows`` (Molchanov et al., 2019)."""
     if not (hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None):
@@ -201,7 +215,7 @@ def taylor_scores(model: nn.Module, family: Family, windows: torch.Tensor, hidde
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             # Per window, the squared first-order loss change of removing each head, key/value head
             # and channel, averaged over windows: signs differ between windows, squares do not cancel.
-            window_scores = _weight_scores(model, family, first_order)
+            window_scores = _weight_scores(model, layout, first_order)
             if hidden:
                 window_scores.hidden = _embedding_columns(model, first_order)
             _accumulate_squares(scores, window_scores, 1 / len(windows))
@@ -226,11 +240,3 @@ def _accumulate_squares(total: Scores, window: Scores, weight: float) -> None:
     if window.hidden is not None:
         squared = weight * window.hidden**2
         total.hidden = squared if total.hidden is None else total.hidden + squared
-
-
-def linear_weight_grad(module: nn.Module) -> torch.Tensor:
-    """The gradient of a linear layer's weight as ``[out, in]`` (``Conv1D`` stores ``[in, out]``)."""
-    grad = module.weight.grad
-    if grad is None:
-        raise PruningError(f"{type(module).__name__} received no gradient: is it used by the forward pass?")
-    return grad if isinstance(module, nn.Linear) else grad.t()

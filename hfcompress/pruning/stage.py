@@ -6,13 +6,16 @@ whole layers are dropped.
 
 What the saved folder needs to reload:
 
-- sizes that are the same in every layer, and that the family's config can express, go into the
-  config itself (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
-  ``intermediate_size``/``ffn_dim``/``n_inner``, ``hidden_size``, ``num_hidden_layers``): the
-  folder is a plain checkpoint that transformers loads without hfcompress;
-- anything else (per-layer sizes; heads of GPT-2, OPT and BERT, whose head size the config derives
-  from ``hidden_size / heads``) is recorded per layer in our ``quantization_config``
-  (``pruned``), and ``from_pretrained`` rebuilds those shapes before the weights load.
+- sizes that are the same in every layer go into the config itself (the head counts, an explicit
+  ``head_dim``, the FFN width under whichever key the config uses, ``hidden_size``,
+  ``num_hidden_layers``). Whether the config can express them is not guessed per family: the
+  model class is built from the new config on the meta device and its shapes compared with the
+  pruned model's. When they agree the folder is a plain checkpoint that transformers loads
+  without hfcompress;
+- anything else (per-layer sizes; heads of families whose attention derives the head size from
+  ``hidden_size / heads``, such as GPT-2, OPT, BERT, GPT-NeoX, Falcon and StableLM) is recorded
+  per layer in our ``quantization_config`` (``pruned``), and ``from_pretrained`` rebuilds those
+  shapes before the weights load.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ import torch
 from torch import nn
 
 from ..config import CompressionConfig
-from ..models import BLOCK_PATHS, decoder_blocks, model_configs
+from ..models import (blocks_path, decoder_blocks, final_norm, keep_inputs, keep_outputs, linear_shape, model_configs,
+                      weight_shape)
 from ..recipe import PruneStage
+from ..models.layout import HEADS_FIXED
+from .experts import prune_experts
 from .importance import Scores, activation_scores, magnitude_scores, taylor_scores
-from .layout import Family, LayerSizes, PruningError, family_of, keep_inputs, keep_outputs
+from .layout import LayerSizes, PruningError, PruningLayout, layout_of
+from .plain import set_config_sizes
 from .select import choose, head_units, remove_count
 
 logger = logging.getLogger(__name__)
@@ -36,22 +43,24 @@ logger = logging.getLogger(__name__)
 # --- scores -------------------------------------------------------------------------------------
 
 
-def compute_scores(model: nn.Module, family: Family, stage: PruneStage, context) -> Scores:
+def compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context) -> Scores:
     """The stage's importance scores (Block Influence for layers included when layers are dropped)."""
     hidden = bool(stage.hidden)
     dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
+    if layout is None:  # whole layers only: Block Influence
+        return activation_scores(model, None, context.calibration_windows(), context.device, dtype)
     if stage.importance == "activation":
-        return activation_scores(model, family, context.calibration_windows(), context.device, dtype, hidden)
+        return activation_scores(model, layout, context.calibration_windows(), context.device, dtype, hidden)
     if stage.importance == "magnitude":
-        scores = magnitude_scores(model, family, hidden)
+        scores = magnitude_scores(model, layout, hidden)
     else:
-        scores = taylor_scores(model, family, context.calibration_windows(), hidden)
+        scores = taylor_scores(model, layout, context.calibration_windows(), hidden)
     if stage.layers:
-        scores.layers = activation_scores(model, family, context.calibration_windows(), context.device, dtype).layers
+        scores.layers = activation_scores(model, layout, context.calibration_windows(), context.device, dtype).layers
     return scores
 
 
-def load_or_compute_scores(model: nn.Module, family: Family, stage: PruneStage, context) -> Scores:
+def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context) -> Scores:
     """Scores from ``stage.scores`` when that file exists (same measure, same shapes), else computed
     (and written there when a path is given)."""
     from safetensors import safe_open
@@ -67,15 +76,15 @@ def load_or_compute_scores(model: nn.Module, family: Family, stage: PruneStage, 
                                "delete the file or point scores: elsewhere")
         scores = Scores.from_tensors(method, tensors)
         blocks = decoder_blocks(model)
-        shapes = [family.sizes(b) for b in blocks]
-        if len(scores.heads) != len(blocks) or any(
+        shapes = [layout.sizes(b) for b in blocks] if layout is not None else []
+        if layout is not None and len(scores.heads) != len(blocks) or any(
                 len(h) != s.heads or len(f) != s.ffn for h, f, s in zip(scores.heads, scores.ffn, shapes)):
             raise PruningError(f"scores: {path} was computed for a model of other shapes; delete it to recompute")
         if (stage.layers and scores.layers is None) or (stage.hidden and scores.hidden is None):
             raise PruningError(f"scores: {path} lacks layer or hidden-channel scores this stage needs; delete it")
         logger.info("importance scores read from %s", path)
         return scores
-    scores = compute_scores(model, family, stage, context)
+    scores = compute_scores(model, layout, stage, context)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(scores.to_tensors(), str(path), metadata={"importance": stage.importance})
@@ -86,9 +95,9 @@ def load_or_compute_scores(model: nn.Module, family: Family, stage: PruneStage, 
 # --- pruning ------------------------------------------------------------------------------------
 
 
-def _prune_heads(blocks, family: Family, scores: Scores, stage: PruneStage) -> dict[int, list[int]]:
+def _prune_heads(blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> dict[int, list[int]]:
     """Cut heads in every block; returns the removed query heads per layer (original numbering)."""
-    sizes = [family.sizes(b) for b in blocks]
+    sizes = [layout.sizes(b) for b in blocks]
     if len({(s.heads, s.kv_heads) for s in sizes}) != 1:
         raise PruningError("heads: the model's layers already differ in head counts; prune heads once, from the original")
     H, KV = sizes[0].heads, sizes[0].kv_heads
@@ -108,16 +117,16 @@ def _prune_heads(blocks, family: Family, scores: Scores, stage: PruneStage) -> d
     for i, (block, layer_units, gone) in enumerate(zip(blocks, units, removed)):
         heads = {h for k in gone for h in layer_units[k].heads}
         kv = {j for k in gone for j in layer_units[k].kv_heads}
-        family.keep_heads(block, [h for h in range(H) if h not in heads], [j for j in range(KV) if j not in kv])
+        layout.keep_heads(block, [h for h in range(H) if h not in heads], [j for j in range(KV) if j not in kv])
         pruned[i] = sorted(heads)
     logger.info("heads: %d -> %s query heads per layer, key/value heads %d -> %s (gqa: %s, importance: %s)",
-                H, _span(family.sizes(b).heads for b in blocks), KV, _span(family.sizes(b).kv_heads for b in blocks),
+                H, _span(layout.sizes(b).heads for b in blocks), KV, _span(layout.sizes(b).kv_heads for b in blocks),
                 stage.gqa, scores.method)
     return pruned
 
 
-def _prune_ffn(blocks, family: Family, scores: Scores, stage: PruneStage) -> None:
-    sizes = [family.sizes(b).ffn for b in blocks]
+def _prune_ffn(blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> None:
+    sizes = [layout.sizes(b).ffn for b in blocks]
     if len(set(sizes)) != 1:
         raise PruningError("ffn: the model's layers already differ in FFN size; prune the FFN once, from the original")
     n = remove_count(stage.ffn, sizes[0], 1, "FFN channels")
@@ -125,41 +134,105 @@ def _prune_ffn(blocks, family: Family, scores: Scores, stage: PruneStage) -> Non
         return
     removed = choose([scores.ffn[i].abs().tolist() for i in range(len(blocks))], n, stage.uniform)
     for block, gone in zip(blocks, removed):
-        family.keep_ffn(block, [c for c in range(sizes[0]) if c not in gone])
+        layout.keep_ffn(block, [c for c in range(sizes[0]) if c not in gone])
     logger.info("FFN channels: %d -> %s per layer (importance: %s)", sizes[0],
-                _span(family.sizes(b).ffn for b in blocks), scores.method)
+                _span(layout.sizes(b).ffn for b in blocks), scores.method)
 
 
-def _prune_hidden(model: nn.Module, blocks, family: Family, scores: Scores, stage: PruneStage) -> None:
-    """Remove hidden (embedding) channels everywhere they appear: embeddings, norms, every block's
-    input and output projections, the final norm and the LM head (tied or not)."""
+def _hidden_plan(model: nn.Module, blocks, layout: PruningLayout) -> list[tuple[nn.Module, str]]:
+    """Every tensor that holds the hidden size, with how it is cut: ``("in", linear)``,
+    ``("out", linear)``, ``("vector", module)`` (norm weight and bias) or ``("embedding", module)``."""
+    plan: list[tuple[str, nn.Module]] = [("embedding", model.get_input_embeddings())]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        plan.append(("embedding" if head.weight is model.get_input_embeddings().weight else "in", head))
+    att, mlp = layout.attention, layout.mlp
+    for block in blocks:
+        plan += [("in", block.get_submodule(p)) for p in ((att.qkv,) if att.qkv else (att.q, att.k, att.v))]
+        plan += [("in", block.get_submodule(p)) for p in (*mlp.inputs, *mlp.fused)]
+        plan += [("out", block.get_submodule(att.out)), ("out", block.get_submodule(mlp.out))]
+        plan += [("vector", block.get_submodule(p)) for p in layout.block.norms]
+    norm = final_norm(model)
+    if norm is not None:
+        plan.append(("vector", norm))
+    return plan
+
+
+def _check_hidden_expressible(model: nn.Module, plan, width: int, keep: int, layout: PruningLayout,
+                              original: LayerSizes) -> None:
+    """Refuse, before cutting anything, a hidden-size prune that the config could not describe
+    (absolute position embeddings, head sizes derived from the hidden size, ...)."""
+    from .plain import fresh_shapes, revert, shapes
+
+    expected = shapes(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    for kind, module in plan:
+        prefix = names[id(module)]
+        if kind in ("in", "out"):
+            in_features, out_features = linear_shape(module)
+            sizes = (keep, out_features) if kind == "in" else (in_features, keep)
+            expected[f"{prefix}.weight"] = weight_shape(module, *sizes)
+            if getattr(module, "bias", None) is not None:
+                expected[f"{prefix}.bias"] = (sizes[1],)
+        elif kind == "embedding":
+            expected[f"{prefix}.weight"] = (module.weight.shape[0], keep)
+        else:
+            for name in ("weight", "bias"):
+                if isinstance(getattr(module, name, None), nn.Parameter):
+                    expected[f"{prefix}.{name}"] = (keep,)
+    changes = set_config_sizes(model, hidden=keep, head_dim=layout.head_dim())
+    now = layout.sizes(decoder_blocks(model)[0])  # heads and FFN cut earlier in this stage
+    if (now.heads, now.kv_heads) != (original.heads, original.kv_heads):
+        changes += set_config_sizes(model, heads=now.heads, kv_heads=now.kv_heads)
+    if now.ffn != original.ffn:
+        changes += set_config_sizes(model, ffn=(original.ffn, now.ffn))
+    try:
+        fresh = fresh_shapes(model)
+    finally:
+        revert(changes)
+    if fresh != expected:
+        differ = sorted(k for k in expected if fresh is None or fresh.get(k) != expected[k])[:3]
+        raise PruningError(
+            f"hidden: {model.config.model_type!r} keeps the hidden size in tensors that pruning cannot cut "
+            f"consistently with its config (e.g. {', '.join(differ) or 'the config itself'}); remove the hidden key"
+        )
+
+
+def _prune_hidden(model: nn.Module, blocks, layout: PruningLayout, scores: Scores, stage: PruneStage,
+                  original: LayerSizes) -> None:
+    """Remove hidden (embedding) channels everywhere they appear: embeddings, every block's input and
+    output projections and norms, the final norm and the LM head (tied or not)."""
     embed = model.get_input_embeddings()
     width = embed.weight.shape[1]
     n = remove_count(stage.hidden, width, 1, "hidden channels")
     if not n:
         return
+    plan = _hidden_plan(model, blocks, layout)
+    _check_hidden_expressible(model, plan, width, width - n, layout, original)
     keep = torch.sort(scores.hidden.abs().argsort(descending=True)[: width - n]).values
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is embed.weight
-    embed.weight = nn.Parameter(embed.weight.detach()[:, keep].contiguous(), requires_grad=embed.weight.requires_grad)
-    embed.embedding_dim = len(keep)
-    if head is not None:
-        if tied:
-            head.weight = embed.weight
-            head.in_features = len(keep)
+    for kind, module in plan:
+        if kind == "embedding" and module is head:
+            continue  # tied: the embedding's matrix, cut once
+        if kind == "embedding":
+            module.weight = nn.Parameter(module.weight.detach()[:, keep].contiguous(),
+                                         requires_grad=module.weight.requires_grad)
+            module.embedding_dim = len(keep)
+        elif kind == "in":
+            keep_inputs(module, keep)
+        elif kind == "out":
+            keep_outputs(module, keep)
         else:
-            keep_inputs(head, keep)
-    final_norm = getattr(model.base_model, "norm", None)
-    for norm in [*(block.get_submodule(p) for block in blocks for p in family.norms), final_norm]:
-        if norm is not None:
-            norm.weight = nn.Parameter(norm.weight.detach()[keep].contiguous(), requires_grad=norm.weight.requires_grad)
-    for block in blocks:
-        for path in (*family.qkv, *family.ffn_in):
-            keep_inputs(block.get_submodule(path), keep)
-        for path in (family.out, family.ffn_out):
-            keep_outputs(block.get_submodule(path), keep)
-    for config in model_configs(model):
-        config.hidden_size = len(keep)
+            for name in ("weight", "bias"):
+                param = getattr(module, name, None)
+                if isinstance(param, nn.Parameter):
+                    setattr(module, name, nn.Parameter(param.detach()[keep].contiguous(),
+                                                       requires_grad=param.requires_grad))
+    if tied:
+        head.weight = embed.weight
+        head.in_features = len(keep)
+    set_config_sizes(model, hidden=len(keep), head_dim=layout.head_dim())
     logger.info("hidden channels: %d -> %d (importance: %s)", width, len(keep), scores.method)
 
 
@@ -173,8 +246,7 @@ def _drop_layers(model: nn.Module, blocks: nn.ModuleList, scores: Scores, stage:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index  # the KV cache is indexed by position in the stack
-    base = getattr(model, "base_model", model)
-    base.set_submodule(BLOCK_PATHS[model.config.model_type], nn.ModuleList(kept))
+    model.set_submodule(blocks_path(model), nn.ModuleList(kept))
     for config in model_configs(model):
         config.num_hidden_layers = len(kept)
         if isinstance(getattr(config, "layer_types", None), list):
@@ -189,26 +261,29 @@ def _span(values) -> str:
     return str(low) if low == high else f"{low}..{high}"
 
 
-def _write_config(model: nn.Module, family: Family, blocks, config: CompressionConfig) -> None:
-    """Put uniform, expressible sizes in the model's config; record the rest in ours."""
-    sizes = [family.sizes(b) for b in blocks]
-    head_dim = family.head_dim(blocks[0])
-    configs = model_configs(model)
-    original = family.config_sizes(configs[-1])
-    uniform = len(set(sizes)) == 1
-    for cfg in configs:
-        if uniform and sizes[0].ffn != original.ffn:
-            setattr(cfg, family.ffn_key, sizes[0].ffn)
-        if uniform and family.plain_heads and (sizes[0].heads, sizes[0].kv_heads) != (original.heads, original.kv_heads):
-            setattr(cfg, family.heads_key, sizes[0].heads)
-            if family.kv_heads_key:
-                setattr(cfg, family.kv_heads_key, sizes[0].kv_heads)
-            cfg.head_dim = head_dim  # explicit: it no longer equals hidden_size / heads
-    expected = family.config_sizes(configs[-1])
-    if all(s == expected for s in sizes):
+def _write_config(model: nn.Module, layout: PruningLayout | None, blocks, config: CompressionConfig,
+                  original: LayerSizes | None) -> None:
+    """Put uniform sizes in the model's config when it can express them; record the rest in ours."""
+    from .plain import config_expresses, revert
+
+    sizes = [layout.sizes(b) for b in blocks] if layout is not None else []
+    changes = []
+    if sizes and len(set(sizes)) == 1 and original is not None:
+        now = sizes[0]
+        if (now.heads, now.kv_heads) != (original.heads, original.kv_heads):
+            changes += set_config_sizes(model, heads=now.heads, kv_heads=now.kv_heads, head_dim=layout.head_dim())
+        if now.ffn != original.ffn:
+            changes += set_config_sizes(model, ffn=(original.ffn, now.ffn))
+    if config_expresses(model):
         config.pruned = None
+        for block, size in zip(blocks, sizes):
+            layout.set_head_counts(block, size.heads, size.kv_heads)  # layers read the config directly again
         return
-    config.pruned = {"head_dim": head_dim, "layers": [s.to_dict() for s in sizes]}
+    revert(changes)  # the config keeps describing the unpruned blocks, which reload reshapes
+    if layout is None:
+        raise PruningError(f"the pruned {model.config.model_type!r} model cannot be described by its config; "
+                           "this prune is not supported for it")
+    config.pruned = {"head_dim": layout.head_dim(), "layers": [s.to_dict() for s in sizes]}
     logger.info("per-layer sizes recorded in quantization_config.pruned: reloading this model needs "
                 "`import hfcompress`")
 
@@ -216,49 +291,49 @@ def _write_config(model: nn.Module, family: Family, blocks, config: CompressionC
 @torch.no_grad()
 def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionConfig, context) -> None:
     """Prune ``model`` in place as the stage says."""
-    family = family_of(model)
-    blocks = decoder_blocks(model)
     if config.modules:
         raise PruningError("prune: the model is already quantized; put the prune stage before quantize")
     if config.shared:
         raise PruningError("prune: decoder layers of this model share weights, which per-layer pruning would cut "
                            "differently; put the prune stage before share")
-    if not (stage.heads or stage.ffn or stage.hidden or stage.layers):
+    if not (stage.heads or stage.ffn or stage.hidden or stage.layers or stage.experts):
         logger.info("prune: nothing to remove")
         return
-    if stage.hidden and not family.norms:
-        raise PruningError(
-            f"hidden: pruning hidden channels supports the llama, mistral and qwen2 families, not "
-            f"{model.config.model_type!r}; remove the hidden key"
-        )
-    scores = load_or_compute_scores(model, family, stage, context)
+    blocks = decoder_blocks(model)
+    layout = layout_of(model, mlp=bool(stage.ffn or stage.hidden)) if (stage.heads or stage.ffn or stage.hidden) else None
+    if stage.heads and layout.model_type in HEADS_FIXED:
+        raise PruningError(f"heads: the heads of {layout.model_type!r} cannot be pruned: "
+                           f"{HEADS_FIXED[layout.model_type]}; prune ffn or layers instead")
+    original = layout.sizes(blocks[0]) if layout is not None else None
+    if stage.experts:
+        prune_experts(model, stage, context)
+    scores = load_or_compute_scores(model, layout, stage, context) if (layout or stage.layers) else None
     pruned_heads, dropped = {}, []
     if stage.heads:
-        pruned_heads = _prune_heads(blocks, family, scores, stage)
+        pruned_heads = _prune_heads(blocks, layout, scores, stage)
     if stage.ffn:
-        _prune_ffn(blocks, family, scores, stage)
+        _prune_ffn(blocks, layout, scores, stage)
     if stage.hidden:
-        _prune_hidden(model, blocks, family, scores, stage)
+        _prune_hidden(model, blocks, layout, scores, stage, original)
     if stage.layers:
         dropped = _drop_layers(model, blocks, scores, stage)
-    if pruned_heads and not family.plain_heads:
-        # transformers' own bookkeeping (config.pruned_heads: layer -> removed heads, original
-        # numbering), renumbered past dropped layers. transformers 5 no longer acts on it; the
-        # shapes reload from quantization_config.pruned.
+    _write_config(model, layout, decoder_blocks(model), config, original)
+    if pruned_heads and config.pruned:
+        # The heads live in our record; transformers' own bookkeeping (config.pruned_heads: layer ->
+        # removed heads, original numbering, renumbered past dropped layers) says the same.
         kept = [i for i in range(len(blocks)) if i not in dropped]
         for cfg in model_configs(model):
             cfg.pruned_heads = {str(new): pruned_heads[old] for new, old in enumerate(kept) if pruned_heads.get(old)}
-    _write_config(model, family, decoder_blocks(model), config)
 
 
 def rebuild_pruned_structure(model: nn.Module, config: CompressionConfig) -> None:
     """Give a freshly built model the per-layer shapes recorded in ``config.pruned`` (before loading)."""
     if not config.pruned:
         return
-    family = family_of(model)
+    layout = layout_of(model)
     blocks = decoder_blocks(model)
     layers = [LayerSizes(**sizes) for sizes in config.pruned["layers"]]
     if len(layers) != len(blocks):
         raise PruningError(f"quantization_config.pruned describes {len(layers)} layers, the model has {len(blocks)}")
     for block, sizes in zip(blocks, layers):
-        family.reshape(block, sizes, config.pruned["head_dim"])
+        layout.reshape(block, sizes, config.pruned["head_dim"])

@@ -12,7 +12,11 @@ layers are quantized:
   outputs feed the next block;
 - a module that several blocks share (``share`` stage) is quantized once, at its last user, with
   the Hessians of all its users accumulated together; until then its users compute with the
-  float weights.
+  float weights;
+- a module the calibration never reaches (a Mamba mixer reading ``dt_proj.weight`` directly),
+  and an expert that fewer than ``experts.min_tokens`` calibration tokens were routed to, is
+  rounded to nearest (RTN) instead, and the log names it. With ``experts.calibrate_all`` every
+  expert sees every token while its Hessian is collected (only the routed outputs move on).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import BlockInputs, capture_block_inputs, input_hooks, run_block
-from ..models import decoder_blocks, linear_weight
+from ..calibration import BlockInputs, input_hooks, run_block, walk_blocks
+from ..models import ExpertLinears, decoder_blocks, linear_weight
 from ..recipe import QuantizeStage
 from ..resume import ResumeState
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, relative_error
+from .grid import QuantizedWeight
 from .qlinear import LinearFormat, QuantLinear
+from .rtn import quantize_rtn
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +104,26 @@ class GPTQBlockQuantizer:
     """Quantizes the targeted linear layers of one block at a time."""
 
     def __init__(self, stage: QuantizeStage, device: torch.device, compute_dtype: torch.dtype | None = None,
-                 shared: SharedHessians | None = None):
+                 shared: SharedHessians | None = None, experts: set[str] | frozenset = frozenset()):
         self.stage = stage
         self.shared = shared or SharedHessians({})
         self.device = device
         self.compute_dtype = compute_dtype
+        self.experts = experts  # names (relative to their block) of expert linears
         self.format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
                                    act_order=stage.act_order and not stage.static_groups)
+        self.rounded: dict[str, str] = {}  # module -> why it was rounded (RTN) instead of solved
+
+    def _round(self, name: str, module: nn.Module, why: str) -> GPTQResult:
+        """RTN for a module GPTQ cannot calibrate; its weight is set to what it will compute."""
+        W = linear_weight(module).detach().float()
+        quantized: QuantizedWeight = quantize_rtn(W, self.stage.bits, self.stage.group_size, self.stage.sym,
+                                                  self.format.torch_scale_dtype)
+        dequantized = quantized.dequantize()
+        error = float((W - dequantized).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
+        _set_weight(module, dequantized)
+        self.rounded[name] = why
+        return GPTQResult(quantized, 0.0, error)
 
     def _quantize(self, modules: dict[str, nn.Module], H: torch.Tensor) -> dict[str, GPTQResult]:
         """GPTQ for modules that share the Hessian ``H``, solved as one matrix.
@@ -131,9 +150,14 @@ class GPTQBlockQuantizer:
 
     def _quantize_group(self, group: dict[str, nn.Module], H: torch.Tensor, count: int, block: int,
                         deferred: set[str]) -> dict[str, GPTQResult]:
-        """Solve a group that shares ``H``; shared modules join with their other users' Hessians."""
+        """Solve a group that shares ``H``; shared modules join with their other users' Hessians;
+        starved experts are rounded."""
         buckets: dict[object, tuple[dict[str, nn.Module], torch.Tensor]] = {}
+        results = {}
         for name, module in group.items():
+            if name in self.experts and count < self.stage.experts.min_tokens:
+                results[name] = self._round(name, module, f"{count} calibration tokens")
+                continue
             if not self.shared.is_shared(module):
                 buckets.setdefault("own", ({}, H))[0][name] = module
                 continue
@@ -143,7 +167,6 @@ class GPTQBlockQuantizer:
             else:
                 blocks = tuple(b for b, _ in self.shared.users[id(module)])  # same users: same summed Hessian
                 buckets.setdefault(blocks, ({}, total))[0][name] = module
-        results = {}
         for modules, hessian in buckets.values():
             results.update(self._quantize(modules, hessian))
         return results
@@ -157,7 +180,7 @@ class GPTQBlockQuantizer:
         if self.stage.true_sequential:
             discovery = InputTracker(accumulate=set())
             with input_hooks(targets, discovery):
-                run_block(block, BlockInputs(inputs.hidden[:1], inputs.kwargs), self.device, dtype=self.compute_dtype)
+                run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
             for leader in discovery.order:
                 group = discovery.groups[leader]
                 tracker = InputTracker(accumulate={leader}, compute_dtype=self.compute_dtype)
@@ -175,9 +198,8 @@ class GPTQBlockQuantizer:
                 group = {name: targets[name] for name in tracker.groups[leader]}
                 results.update(self._quantize_group(group, tracker.hessians[leader], tracker.counts[leader], index,
                                                     deferred))
-        missing = set(targets) - set(results) - deferred
-        if missing:
-            raise RuntimeError(f"the calibration forward pass never reached {sorted(missing)}")
+        for name in sorted(set(targets) - set(results) - deferred):  # never called by the forward pass
+            results[name] = self._round(name, targets[name], "never reached by the calibration forward pass")
         return results
 
 
@@ -198,15 +220,16 @@ def quantize_gptq(
     the blocks (an ``lm_head`` asked for) are returned untouched.
     """
     blocks = decoder_blocks(model)
-    offload = next(model.parameters()).device
-    device = device or offload
-    block_names = [name for name, module in model.named_modules() if any(module is b for b in blocks)]
     owners = {id(module): name for name, module in targets.items()}
     users: dict[int, list[tuple[int, str]]] = {}  # every block that uses a target, and under which name
+    expert_names: dict[int, set[str]] = {}
     for b, block in enumerate(blocks):
         for short, module in block.named_modules(remove_duplicate=False):
             if id(module) in owners:
                 users.setdefault(id(module), []).append((b, short))
+            if isinstance(module, ExpertLinears):
+                expert_names.setdefault(b, set()).update(
+                    f"{short}.{n}" for n, m in module.named_modules() if id(m) in owners)
     per_block: dict[int, dict[str, nn.Module]] = {}
     for module_id, uses in users.items():
         for b, short in uses:
@@ -217,34 +240,49 @@ def quantize_gptq(
         raise ValueError("resume_dir: resuming GPTQ is not supported for models whose layers share weights (their "
                          "Hessians span several layers); run without resume_dir")
 
-    inputs = capture_block_inputs(model, blocks[0], windows, device, offload)
     start = resume.done() if resume is not None else 0
-    if start:
-        for name, fmt in resume.restore(model, inputs.hidden).items():
+
+    def restore(hidden):
+        for name, fmt in resume.restore(model, hidden).items():
             record(name, fmt)
-    quantizer = GPTQBlockQuantizer(stage, device, compute_dtype, shared)
-    progress = tqdm(range(start, len(blocks)), desc=f"GPTQ {stage.bits}-bit", unit="layer", initial=start,
-                    total=len(blocks))
-    for b in progress:
-        block = blocks[b].to(device)
-        prefix = block_names[b] + "."
+
+    packed: dict[str, QuantLinear] = {}
+
+    def checkpoint(step):
+        if resume is not None:
+            resume.save(step.index, packed, step.inputs.hidden)
+
+    progress = tqdm(total=len(blocks), desc=f"GPTQ {stage.bits}-bit", unit="layer", initial=start)
+    rounded: dict[str, str] = {}
+    for step in walk_blocks(model, windows, device, compute_dtype, start=start, restore=restore, after=checkpoint):
+        b, block = step.index, step.block
         targets_here = per_block.get(b, {})
-        results = quantizer.quantize_block(block, targets_here, inputs, b) if targets_here else {}
-        # The next block sees this block's quantized outputs.
-        run_block(block, inputs, device, update=True, dtype=compute_dtype)
+        quantizer = GPTQBlockQuantizer(stage, device or next(model.parameters()).device, compute_dtype, shared,
+                                       frozenset(expert_names.get(b, ())))
+        experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
+        for module in experts:
+            module.calibrate_all = stage.experts.calibrate_all
+        try:
+            results = quantizer.quantize_block(block, targets_here, step.inputs, b) if targets_here else {}
+        finally:
+            for module in experts:
+                module.calibrate_all = False
         packed = {}
         for short, result in results.items():
             module = targets_here[short]
             qlinear = QuantLinear.from_quantized(result.weight, module.bias, quantizer.format)
-            packed[prefix + short] = qlinear
+            packed[f"{step.name}.{short}"] = qlinear
             for user, user_short in users[id(module)]:  # one QuantLinear for every layer that shares it
                 blocks[user].set_submodule(user_short, qlinear)
             record(owners[id(module)], quantizer.format)
-        blocks[b].to(offload)
+        rounded.update({f"{step.name}.{short}": why for short, why in quantizer.rounded.items()})
+        progress.update(1)
         if results:
             errors = ", ".join(f"{short} {r.error:.2e}" for short, r in results.items())
             logger.info("layer %d/%d: relative reconstruction error %s", b + 1, len(blocks), errors)
             progress.set_postfix(error=f"{sum(r.error for r in results.values()) / len(results):.2e}")
-        if resume is not None:
-            resume.save(b, packed, inputs.hidden)
+    progress.close()
+    if rounded:
+        logger.warning("%d modules could not be calibrated and were rounded to nearest (RTN): %s", len(rounded),
+                       "; ".join(f"{name} ({why})" for name, why in rounded.items()))
     return outside

@@ -1,7 +1,12 @@
 """The ``quantize`` stage: swap linear layers for packed QuantLinears, and rebuild them on load.
 
-The maths lives in ``rtn.py`` (and later ``gptq.py``); this file only walks the model, shows
-progress and records what it did in the :class:`~hfcompress.config.CompressionConfig`.
+The maths lives in ``rtn.py`` and ``gptq.py``; this file only chooses the targets, walks the
+model, shows progress and records what it did in the :class:`~hfcompress.config.CompressionConfig`.
+
+Targets are the linear layers of the language model (a multimodal model's vision and audio towers
+and projectors stay in float unless ``include`` names them), the experts of MoE layers (unfused
+first into one linear layer per expert, see :mod:`hfcompress.models.experts`), and not the
+routers (``routers: true`` quantizes them too). What stays in float is counted and reported.
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CompressionConfig
-from ..models import find_linear_layers, linear_shape, linear_weight, model_configs, output_embedding_names
+from ..errors import UserError
+from ..models import (ArchitectureError, find_fused_experts, find_linear_layers, is_linear, language_model_path,
+                      linear_shape, linear_weight, matches, model_configs, output_embedding_names, unfuse_experts)
+from ..models.layout import ROUTER_NAMES
 from ..recipe import QuantizeStage
-from ..sharing.layers import tie_shared_modules
+from ..sharing.layers import merge_records, tie_shared_modules
+from .coverage import FLOAT_SHARE_LIMIT, float_share
+from .embedding import QuantEmbedding
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
 
@@ -48,41 +58,154 @@ def _quantize_rtn(model: nn.Module, stage: QuantizeStage, layers: dict[str, nn.M
         config.modules[name] = fmt
 
 
+class PartialQuantizationError(UserError, ValueError):
+    """``strict: true`` and the stage would leave too much of the decoder in float."""
+
+
+def _is_router(name: str, module: nn.Module) -> bool:
+    """A layer that scores experts or gates a shared expert: tiny, and sensitive to rounding."""
+    return name.rsplit(".", 1)[-1] in ROUTER_NAMES and linear_shape(module)[1] < 512
+
+
+def select_targets(model: nn.Module, stage: QuantizeStage) -> dict[str, nn.Module]:
+    """The float linear layers this stage quantizes, in module order (experts already unfused)."""
+    root = language_model_path(model)
+    within = [root] if root else None
+    layers = find_linear_layers(model, stage.ignore, include_lm_head=stage.lm_head, within=within)
+    if stage.include:
+        for name, module in model.named_modules():
+            if is_linear(module) and matches(name, stage.include) and not matches(name, stage.ignore):
+                layers.setdefault(name, module)
+        layers = {name: module for name, module in model.named_modules() if name in layers}  # module order
+    if not stage.routers:
+        layers = {name: module for name, module in layers.items() if not _is_router(name, module)}
+    return layers
+
+
+def _unfuse_experts(model: nn.Module, stage: QuantizeStage) -> None:
+    """Experts stored as 3-D parameters become one linear layer per expert, unless ignored."""
+    root = language_model_path(model)
+    names = [name for name in find_fused_experts(model)
+             if (not root or name.startswith(root + ".")) and not matches(name, stage.ignore)]
+    if names:
+        unfuse_experts(model, names)
+        logger.info("unfused the experts of %d MoE layers into per-expert linear layers", len(names))
+
+
+def check_float_share(model: nn.Module, stage: QuantizeStage, targets: dict[str, nn.Module]) -> None:
+    """Before any work: refuse (``strict``) or warn when the targets leave over 10% of the decoder in float."""
+    try:
+        share = float_share(model)
+    except ArchitectureError:
+        return  # no stack of blocks (an RTN-only model): nothing to measure against
+    planned = {id(m) for m in targets.values()}
+    left = {name: count for name, count in share.modules.items() if id(_owner(model, name)) not in planned}
+    fraction = sum(left.values()) / share.total if share.total else 0.0
+    if fraction <= FLOAT_SHARE_LIMIT:
+        return
+    names = ", ".join(list(left)[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    message = (f"quantize would leave {fraction:.1%} of the decoder's weight elements in float ({names}); "
+               "check ignore, routers and include")
+    if stage.strict:
+        raise PartialQuantizationError(message + " (strict: true)")
+    logger.warning(message)
+
+
+def _owner(model: nn.Module, parameter_name: str) -> nn.Module:
+    return model.get_submodule(parameter_name.rpartition(".")[0])
+
+
+def report_float_share(model: nn.Module) -> None:
+    """Log what the stage left in float, by module type."""
+    try:
+        share = float_share(model)
+    except ArchitectureError:
+        return
+    level = logging.WARNING if share.fraction > FLOAT_SHARE_LIMIT else logging.INFO
+    logger.log(level, "quantize: decoder blocks keep %s", share.describe())
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def quantize_embeddings(model: nn.Module, stage: QuantizeStage, config: CompressionConfig) -> None:
+    """The input embedding table as one packed :class:`QuantEmbedding` (RTN, data-free); a tied
+    ``lm_head`` becomes the same module, recorded as shared so the table is stored once."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embed, nn.Embedding):
+        raise ValueError(f"quantize embeddings: {type(model).__name__} has no nn.Embedding input table "
+                         f"({type(embed).__name__}); remove the embeddings key")
+    options = stage.embeddings
+    fmt = LinearFormat(bits=options.bits, group_size=options.group_size, sym=options.sym)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and getattr(head, "weight", None) is embed.weight
+    name = _module_name(model, embed)
+    head_name = _module_name(model, head) if tied else None
+    quantized = quantize_rtn(embed.weight.detach(), fmt.bits, fmt.group_size, fmt.sym, fmt.torch_scale_dtype)
+    table = QuantEmbedding.from_quantized(quantized, fmt, embed)
+    model.set_submodule(name, table)
+    config.modules[name] = fmt
+    if tied:
+        model.set_submodule(head_name, table)  # one object: the lookup and the output projection
+        config.shared = merge_records(config.shared, {"modules": {head_name: name}})
+        for cfg in model_configs(model):  # the sharing record ties them now, not transformers
+            cfg.tie_word_embeddings = False
+        if hasattr(model, "all_tied_weights_keys"):
+            model.all_tied_weights_keys = {}
+    logger.info("embedding table %s: %d-bit, group size %d%s", name, fmt.bits, fmt.group_size,
+                f", also the output projection {head_name}" if tied else "")
+
+
 @torch.no_grad()
 def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: CompressionConfig, context) -> None:
-    """Quantize the model's linear layers in place, as the stage says."""
-    if stage.lm_head and output_embedding_names(model):
+    """Quantize the model's linear layers (and experts) in place, as the stage says."""
+    if stage.embeddings is not None:
+        quantize_embeddings(model, stage, config)
+    if stage.lm_head and output_embedding_names(model) and not isinstance(model.get_output_embeddings(), QuantEmbedding):
         untie_output_embeddings(model)
-    layers = find_linear_layers(model, stage.ignore, include_lm_head=stage.lm_head)
+    if stage.method == "gptq":
+        from ..models import decoder_blocks
+
+        decoder_blocks(model)  # a model without a stack of blocks fails here, before calibration data loads
+    _unfuse_experts(model, stage)
+    layers = select_targets(model, stage)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no linear layers left to quantize (after ignore={stage.ignore}); "
             "check the ignore patterns"
         )
+    check_float_share(model, stage, layers)
     logger.info("quantizing %d linear layers: %s, %d bits, group size %d, %s",
                 len(layers), stage.method, stage.bits, stage.group_size, "symmetric" if stage.sym else "asymmetric")
     rtn_format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym)
     if stage.method == "rtn":
         _quantize_rtn(model, stage, layers, config, rtn_format)
-        tie_shared_modules(model, config.shared)
-        return
-    from ..models import decoder_blocks
-    from .gptq_runner import quantize_gptq
+    else:
+        from .gptq_runner import quantize_gptq
 
-    decoder_blocks(model)  # an unsupported family fails here, before calibration data loads
-    windows = context.calibration_windows()
-    resume = context.resume_state(model, stage, windows)
-    dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
-    outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device, dtype)
-    if outside:
-        logger.info("%s: outside the transformer blocks, quantized by rounding (RTN)", ", ".join(outside))
-        _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config, rtn_format)
+        windows = context.calibration_windows()
+        resume = context.resume_state(model, stage, windows)
+        dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
+        outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device,
+                                dtype)
+        if outside:
+            logger.info("%s: outside the transformer blocks, quantized by rounding (RTN)", ", ".join(outside))
+            _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config, rtn_format)
     tie_shared_modules(model, config.shared)
+    report_float_share(model)
 
 
 def rebuild_quantized_modules(model: nn.Module, config: CompressionConfig) -> None:
-    """Replace the layers named in ``config`` by empty QuantLinears (on the meta device), before loading."""
+    """Replace the layers named in ``config`` by empty QuantLinears (on the meta device), before loading;
+    experts that were quantized are unfused first, as they were when they were quantized."""
+    experts = [name for name in find_fused_experts(model) if any(m.startswith(name + ".") for m in config.modules)]
+    unfuse_experts(model, experts)
     for name, fmt in config.modules.items():
+        module = model.get_submodule(name) if _has_module(model, name) else None
+        if isinstance(module, nn.Embedding):
+            model.set_submodule(name, QuantEmbedding.empty_like(module, fmt))
+            continue
         try:
             module = model.get_submodule(name)
             in_features, out_features = linear_shape(module)
@@ -97,3 +220,11 @@ def rebuild_quantized_modules(model: nn.Module, config: CompressionConfig) -> No
         qlinear = QuantLinear(in_features, out_features, fmt, bias=module.bias is not None,
                               device=weight.device, dtype=weight.dtype)
         model.set_submodule(name, qlinear)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

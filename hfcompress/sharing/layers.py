@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import LINEAR_TYPES, decoder_blocks, linear_shape, linear_weight
+from ..models import LINEAR_TYPES, ArchitectureError, decoder_blocks, linear_shape, linear_weight
+from ..models.layout import common_layout
 
 logger = logging.getLogger(__name__)
 
@@ -60,27 +61,22 @@ class SharedLinearDelta(nn.Module):
         return self.base(x) + delta.to(x.dtype)
 
 
-def _parts_paths(family, parts: list[str]) -> list[str]:
+def _parts_paths(model: nn.Module, parts: list[str]) -> list[str]:
+    """Block-relative paths of the linear layers that make up ``parts``, read by the model registry."""
+    try:
+        layout = common_layout(model)
+    except ArchitectureError as err:
+        raise SharingError(f"cross-layer sharing: {err}") from None
     paths = []
     if "attention" in parts:
-        paths += [*family.qkv, family.out]
+        paths += list(layout.attention.projections)
     if "mlp" in parts:
-        paths += [*family.ffn_in, family.ffn_out]
+        paths += list(layout.mlp.projections)
     return paths
 
 
 def _blocks_prefix(model: nn.Module, blocks: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is blocks)
-
-
-def _family(model: nn.Module):
-    from ..pruning.layout import FAMILIES
-
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    if model_type not in FAMILIES:
-        raise SharingError(f"cross-layer sharing does not support model type {model_type!r}; supported: "
-                           f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
 
 
 def check_groups(groups: list[list[int]], n_layers: int) -> None:
@@ -109,11 +105,10 @@ def groups_of(every: int, n_layers: int) -> list[list[int]]:
 def share_layers(model: nn.Module, groups: list[list[int]], parts: list[str], init: str | int = "mean",
                  lora_rank: int = 0) -> dict:
     """Make each group of decoder layers share ``parts``; return the record for the config."""
-    family = _family(model)
     blocks = decoder_blocks(model)
     check_groups(groups, len(blocks))
     prefix = _blocks_prefix(model, blocks)
-    paths = _parts_paths(family, parts)
+    paths = _parts_paths(model, parts)
     modules_map: dict[str, str] = {}
     wrappers: list[str] = []
     for group in groups:
