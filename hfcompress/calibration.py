@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import CalibrationError, DataError
 from .evaluation import tokenize
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,14 @@ def probe_block_calls(model: nn.Module, blocks: nn.ModuleList, windows: torch.Te
     try:
         for w, window in enumerate(windows):
             current[0], previous[0] = w, None
-            _forward(model, window, device)
+            try:
+                _forward(model, window, device)
+            except Exception as error:  # the model itself, before any of our work: say what it needs
+                raise CalibrationError(
+                    f"{type(model).__name__} does not run on a window of token ids ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); calibrated methods feed it "
+                    "model(input_ids=...): use method: rtn, or prepare the model so that it runs on token ids"
+                ) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -294,6 +301,7 @@ class BlockStep:
     block: nn.Module
     inputs: BlockInputs
     hooks: list = field(default_factory=list)  # handles the walk's own pass runs, then removes
+    reached: bool = True  # False: the forward pass skips this block (cross-attention without an image)
 
 
 def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | None = None,
@@ -308,6 +316,8 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
     ``restore(hidden)`` runs first when resuming at ``start``: it puts back what earlier blocks
     became, and the hidden states at block ``start`` of a chained walk (``None`` when replaying).
     ``observe(index, input, output)`` sees each window's hidden states around each block.
+    A block that the forward pass never reaches comes with ``reached=False`` and empty inputs;
+    nothing runs through it (the model skips it too) and ``after`` is not called for it.
     """
     from .models import block_names, decoder_blocks
 
@@ -328,6 +338,7 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
     for b in range(start, len(blocks)):
         if b not in calls[0]:
             logger.warning("%s is not reached by the forward pass; nothing to calibrate there", names[b])
+            yield BlockStep(b, names[b], blocks[b], BlockInputs(), reached=False)
             continue
         if chained:
             args, kwargs = calls[0][b]

@@ -126,7 +126,7 @@ def run_compress(args) -> int:
     from . import compress
     from .data import check_text_source
     from .evaluation import evaluate_perplexity
-    from .io import check_output, load_model, save_compressed
+    from .io import check_output, load_model, load_processor, save_compressed
     from .recipe import Recipe
     from .report import format_bytes, summarize_folder
 
@@ -154,7 +154,8 @@ def run_compress(args) -> int:
     if after is not None:
         config.metrics["perplexity"] = {**after.to_dict(), "data": str(data)}
         config.metrics["perplexity_before_compression"] = before.perplexity
-    save_compressed(model, output, tokenizer, overwrite=args.overwrite)
+    processor = load_processor(source, trust_remote_code=args.trust_remote_code)
+    save_compressed(model, output, tokenizer, overwrite=args.overwrite, processor=processor)
     shutil.rmtree(resume_dir, ignore_errors=True)
     summary = summarize_folder(output)
     print(f"size:       {format_bytes(size_before)} ({args.dtype}) -> {format_bytes(summary['tensor_bytes'])} "

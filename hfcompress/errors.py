@@ -20,3 +20,7 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is truncated, corrupt, or missing tensors its config promises."""
+
+
+class CalibrationError(UserError, ValueError):
+    """The model does not run on calibration token windows (it needs other inputs)."""

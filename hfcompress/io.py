@@ -83,13 +83,41 @@ def resolve_model_source(source: str | os.PathLike | None) -> ModelSource:
 
 
 def _model_class(source: ModelSource, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     if source.gguf_file:
         return AutoModelForCausalLM  # GGUF files hold language models
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     archs = getattr(config, "architectures", None) or []
-    return AutoModelForCausalLM if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) else AutoModel
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        return AutoModelForCausalLM
+    if any(a.endswith("ForConditionalGeneration") for a in archs) and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return AutoModelForImageTextToText  # Llava-style, Qwen-VL, Gemma 3: the language model and its towers
+    return AutoModel
+
+
+# Files that say a model comes with a processor (images, audio, video) beside its tokenizer.
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def load_processor(source: ModelSource, trust_remote_code: bool = False):
+    """The multimodal processor saved with the model (tokenizer and image/audio preprocessing),
+    or None for a text-only model: it is saved with the compressed model, which then reloads
+    with ``AutoProcessor`` as the original did."""
+    from transformers import AutoProcessor
+
+    if source.gguf_file:
+        return None
+    local = Path(source.path)
+    if local.is_dir() and not any((local / name).is_file() for name in _PROCESSOR_FILES):
+        return None
+    try:
+        processor = AutoProcessor.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning("no processor loaded from %s (%s)", source.path, err)
+        return None
+    return processor if hasattr(processor, "image_processor") or hasattr(processor, "feature_extractor") else None
 
 
 def load_model(
@@ -143,8 +171,10 @@ def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     return output
 
 
-def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """``save_pretrained`` (model card included) into ``output``, atomically.
+def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+                    processor=None) -> Path:
+    """``save_pretrained`` (model card included) into ``output``, atomically, with the tokenizer,
+    or the whole multimodal ``processor`` (which holds the tokenizer) when there is one.
 
     Everything is written to a temporary folder beside ``output`` and renamed at the end; an
     error or interruption removes the temporary folder and leaves ``output`` as it was.
@@ -157,7 +187,9 @@ def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite:
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         model.save_pretrained(staging)
-        if tokenizer is not None:
+        if processor is not None:
+            processor.save_pretrained(staging)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if output.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))

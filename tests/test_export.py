@@ -107,3 +107,54 @@ def test_cli_export(tmp_path, capsys):
     _, ragged = saved(tmp_path, "ragged", hidden=96)
     assert main(["export", str(ragged), "--format", "compressed-tensors", "--output", str(tmp_path / "c")]) == 2
     assert "short last group" in capsys.readouterr().err
+
+
+def _tiny_saved(tmp_path, family, **quantize):
+    from hfcompress.testing import tiny_inputs, tiny_model
+
+    model = tiny_model(family, **({} if family == "gemma3" else {"hidden_size": 128}))
+    ids = tiny_inputs(model, batch=4, seq_len=32)["input_ids"]
+    stage = {"method": "gptq", "bits": 4, "group_size": 32, "sym": True, **quantize}
+    hfcompress.compress(model, {"stages": [{"quantize": stage}]}, calibration_data=ids)
+    model.save_pretrained(tmp_path / family)
+    return model, tmp_path / family, ids[:2]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3", "mixtral", "qwen3_moe"])
+def test_new_families_export_to_compressed_tensors_that_transformers_reads(tmp_path, family):
+    model, folder, ids = _tiny_saved(tmp_path, family)
+    reader = AutoModelForCausalLM.from_pretrained(export_model(folder, "compressed-tensors", tmp_path / "ct"))
+    with torch.no_grad(), dispatch.use("reference"):
+        assert torch.equal(reader(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family, gate, up, down", [("mixtral", "w1", "w3", "w2"),
+                                                     ("qwen3_moe", "gate_proj", "up_proj", "down_proj")])
+def test_experts_export_under_the_hub_per_expert_names(tmp_path, family, gate, up, down):
+    model, folder, _ = _tiny_saved(tmp_path, family)
+    stack = "block_sparse_moe" if family == "mixtral" else "mlp"
+    for fmt in ("gptq", "compressed-tensors"):
+        tensors = load_file(export_model(folder, fmt, tmp_path / fmt) / "model.safetensors")
+        assert not any("gate_up_proj" in k for k in tensors)
+        assert all(f"model.layers.1.{stack}.experts.3.{leaf}.{'qweight' if fmt == 'gptq' else 'weight_packed'}"
+                   in tensors for leaf in (gate, up, down))
+    expert = model.model.layers[0].mlp.experts[2].gate_up_proj  # rows: gate, then up
+    half = expert.out_features // 2
+    codes = expert.unpack()
+    exported = load_file(tmp_path / "gptq" / "model.safetensors")
+    for leaf, rows in ((gate, slice(0, half)), (up, slice(half, None))):
+        name = f"model.layers.0.{stack}.experts.2.{leaf}"
+        assert torch.equal(unpack_columns(exported[f"{name}.qweight"].t().contiguous(), 4, expert.in_features),
+                           codes.q[rows])  # qweight packs along K: unpack columns of its transpose
+        assert torch.equal(unpack_columns(exported[f"{name}.qzeros"], 4, half) + 1, codes.zeros[:, rows])
+        assert torch.equal(exported[f"{name}.scales"], codes.scales[:, rows])
+
+
+def test_formats_without_a_place_for_it_refuse_fused_experts_and_quantized_embeddings(tmp_path):
+    _, folder, _ = _tiny_saved(tmp_path, "gpt_oss")
+    with pytest.raises(ExportError, match="one fused tensor"):
+        export_model(folder, "compressed-tensors", tmp_path / "ct")
+    _, folder, _ = _tiny_saved(tmp_path, "qwen3", embeddings={"bits": 4, "group_size": 32})
+    with pytest.raises(ExportError, match="embedding"):
+        export_model(folder, "gptq", tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()

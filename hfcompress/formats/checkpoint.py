@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 
@@ -45,17 +46,61 @@ def read_tensor_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[in
     return {key: shape for key, (_, shape) in read_tensor_headers(files).items()}
 
 
-def loaded_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+def loaded_names(model: nn.Module, keys: Iterable[str], packed: Iterable[str] = ()) -> dict[str, str]:
     """``{name in the model: name in the file}``: transformers renames some families' tensors on
     save (Mixtral's ``mlp`` back to ``block_sparse_moe``, Gemma 3's ``model.language_model`` to
-    ``language_model.model``) and renames them back on load; this applies the load-time renaming."""
+    ``language_model.model``) and renames them back on load; this applies the load-time renaming,
+    as it stands for a model whose ``packed`` modules hold packed tensors (see :func:`packed_conversions`)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     mapping = get_model_conversion_mapping(model)
+    if packed:
+        mapping = packed_conversions(mapping, packed)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
     return {rename_source_key(key, renamings, converters)[0]: key for key in keys}
+
+
+def _pattern_matches(pattern: str, key: str) -> bool:
+    """Whether a conversion pattern (a regex where ``*`` stands for a layer or expert index) names ``key``."""
+    return re.search(pattern.replace(".*.", r".\d+.").replace("*", r"\d+"), key) is not None
+
+
+def packed_conversions(conversions: list, packed: Iterable[str]) -> list:
+    """transformers' weight conversions for a model whose ``packed`` modules (dotted names) hold
+    our packed tensors: the converters that would split, merge or transpose one of their tensors
+    are left out (they concern ``weight`` layouts, and ``qweight`` packs along other axes), so
+    those modules save and load under their names in the model, as do renamings that would
+    rename one of their names (other renamings stay)."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    keys = [f"{name}.qweight" for name in packed]
+    kept = []
+    for conversion in conversions:
+        if isinstance(conversion, WeightConverter):
+            patterns = list(conversion.target_patterns) + list(conversion.source_patterns)
+            if any(_pattern_matches(p, key) for p in patterns for key in keys):
+                continue
+        elif isinstance(conversion, WeightRenaming):
+            # A load-time renaming must leave names that are already the model's alone; one that
+            # renames a module to its parameter (Inkling 2's ``weight_proj`` -> ``weight_proj.weight``)
+            # would send a packed module's tensors elsewhere.
+            if any(rename_source_key(key, [conversion], [])[0] != key for key in keys):
+                continue
+        kept.append(conversion)
+    return kept
+
+
+def saving_conversions(model: nn.Module, packed: Iterable[str]) -> list | None:
+    """The conversions ``save_pretrained`` reverses for ``model`` (see :func:`packed_conversions`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # what transformers itself does for a model not made by from_pretrained
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    return packed_conversions(conversions, packed) or None
 
 
 def skeleton(directory: str | os.PathLike, config: dict) -> nn.Module | None:
@@ -83,13 +128,19 @@ def stored_names(directory: str | os.PathLike, config: dict, keys) -> dict[str, 
     """``{name in the model: name in the file}`` for the tensors of a saved folder, through
     transformers' load-time renaming (names as stored when the class cannot be built)."""
     model = skeleton(directory, config)
-    return loaded_names(model, keys) if model is not None else {key: key for key in keys}
+    return loaded_names(model, keys, packed_modules(config)) if model is not None else {key: key for key in keys}
+
+
+def packed_modules(config: dict) -> list[str]:
+    """The packed modules a saved ``config.json`` (as a dict) lists."""
+    groups = (config.get("quantization_config") or {}).get("quantized") or []
+    return [name for group in groups for name in group.get("modules", [])]
 
 
 def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Module, config: CompressionConfig) -> None:
     """Raise :class:`CheckpointError` unless ``files`` hold every packed tensor ``model`` expects."""
     stored = read_tensor_shapes(files)
-    shapes = {name: stored[key] for name, key in loaded_names(model, stored).items()}
+    shapes = {name: stored[key] for name, key in loaded_names(model, stored, config.modules).items()}
     prefix = getattr(model, "base_model_prefix", "")
     missing, wrong = [], []
     for name in config.modules:

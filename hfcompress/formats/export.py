@@ -11,8 +11,15 @@ refuses with a clear message what it cannot, and maps our tensors to its own:
   ``weight_packed`` ``[N, ceil(K*bits/32)]`` holds the codes as signed values offset by
   ``2**(bits-1)``, which is exactly our unsigned code, so it is our ``qweight`` transposed.
 
-The export reads only ``config.json`` and the safetensors files (no model code runs) and writes
-to a temporary folder renamed at the end.
+Tensors take the names of the model's original Hub layout, which is what readers look up:
+transformers already renames on save what it renamed on load (Mixtral's ``mlp`` back to
+``block_sparse_moe``), and :func:`_hub_layout` undoes its expert fusion, splitting each expert's
+``gate_up_proj`` back into the Hub's two linears (``w1``/``w3``, ``gate_proj``/``up_proj``) as
+transformers' own conversion mapping declares them.
+
+The export reads ``config.json`` and the safetensors files (the model class is built empty, on
+the meta device, only to read its conversion mapping) and writes to a temporary folder renamed
+at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, OutputExistsError, UserError
+from .checkpoint import loaded_names, packed_modules, skeleton
 from ..quantization.grid import group_index
 from ..quantization.pack import pack_columns, unpack_columns
 
@@ -65,7 +73,7 @@ class GPTQv1Exporter:
 
     name = "gptq"
 
-    def convert(self, tensors: dict, config: dict) -> tuple[dict, dict]:
+    def convert(self, tensors: dict, config: dict, in_model: dict[str, str]) -> tuple[dict, dict]:
         qconfig = config["quantization_config"]
         fmt = _single_format(qconfig, "GPTQ v1")
         bits, group_size = fmt["bits"], fmt["group_size"]
@@ -117,7 +125,9 @@ class CompressedTensorsExporter:
 
     name = "compressed-tensors"
 
-    def convert(self, tensors: dict, config: dict) -> tuple[dict, dict]:
+    def convert(self, tensors: dict, config: dict, in_model: dict[str, str]) -> tuple[dict, dict]:
+        """``in_model``: ``{Hub name: name in the transformers model}`` where they differ; targets
+        name both, for transformers (which matches loaded modules) and vLLM (Hub names)."""
         qconfig = config["quantization_config"]
         fmt = _single_format(qconfig, "compressed-tensors (one config group)")
         bits, group_size, sym = fmt["bits"], fmt["group_size"], fmt["sym"]
@@ -167,7 +177,9 @@ class CompressedTensorsExporter:
             "quantization_status": "compressed",
             # Targets by exact module name, so that linears we left in float (lm_head, ignored
             # layers) stay out without listing them.
-            "config_groups": {"group_0": {"targets": [f"re:^{re.escape(m)}$" for m in modules], "weights": weights,
+            "config_groups": {"group_0": {"targets": [f"re:^{re.escape(m)}$" for m in modules] +
+                                                     [f"re:^{re.escape(in_model[m])}$" for m in modules if m in in_model],
+                                          "weights": weights,
                                           "input_activations": None, "output_activations": None,
                                           "format": "pack-quantized"}},
             "ignore": [],
@@ -205,6 +217,106 @@ def _expand_shared(tensors: dict, config: dict) -> dict:
     return out
 
 
+_EXPERT = re.compile(r"^(?P<stack>.+\.experts)\.(?P<index>\d+)\.(?P<leaf>\w+)$")
+
+
+def _expert_sources(converters: list, leaf: str) -> list[str] | None:
+    """The Hub's per-expert linear names that transformers fused into ``experts.<leaf>``, in the
+    order it concatenated them; None when no conversion stacks per-expert linears into it."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    for converter in converters:
+        if not any(t.endswith(f"experts.{leaf}") for t in converter.target_patterns):
+            continue
+        ops = [(type(op), getattr(op, "dim", None)) for op in converter.operations]
+        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+            return None  # another conversion (a transpose, an interleave): not a plain stack of linears
+        leaves = [re.fullmatch(r".*experts\.\*\.(\w+)\.weight", p) for p in converter.source_patterns]
+        return [m.group(1) for m in leaves] if all(leaves) else None
+    return None
+
+
+def _split_columns(tensors: dict, name: str, parts: list[str], bits: int) -> dict:
+    """Split the packed linear ``name`` along its output features into ``len(parts)`` equal linears."""
+    n = tensors[f"{name}.qweight"].shape[1]
+    width = n // len(parts)
+    if n % len(parts) or (width * bits) % 32:
+        raise ExportError(f"{name}: {n} output features do not split into {len(parts)} packed linears at {bits} bits")
+    zeros = unpack_columns(tensors[f"{name}.qzeros"], bits, n)
+    out = {}
+    for i, part in enumerate(parts):
+        columns = slice(i * width, (i + 1) * width)
+        out[f"{part}.qweight"] = tensors[f"{name}.qweight"][:, columns].contiguous()
+        out[f"{part}.scales"] = tensors[f"{name}.scales"][:, columns].contiguous()
+        out[f"{part}.qzeros"] = pack_columns(zeros[:, columns], bits)
+        for extra in ("g_idx",):
+            if f"{name}.{extra}" in tensors:
+                out[f"{part}.{extra}"] = tensors[f"{name}.{extra}"].clone()
+        if f"{name}.bias" in tensors:
+            out[f"{part}.bias"] = tensors[f"{name}.bias"][columns].contiguous()
+    return out
+
+
+def _hub_layout(folder: Path, tensors: dict, config: dict) -> tuple[dict, dict[str, str]]:
+    """The quantized modules under their original Hub names (see the module doc); the config's
+    module lists follow. Also returns ``{Hub name: name in the transformers model}`` where the two
+    differ (Gemma 3's ``language_model.model`` is ``model.language_model`` once loaded), so that
+    targets can name both. Quantized embedding tables are refused: neither format has them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    qconfig = config["quantization_config"]
+    model = skeleton(folder, config)
+    if model is None:
+        return tensors, {}
+    file_name = loaded_names(model, tensors, packed_modules(config))  # {name in the model: name in the file}
+    converters = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)]
+    out = dict(tensors)
+    in_model: dict[str, str] = {}
+    for group in _groups(qconfig):
+        hub_modules = []
+        for name in group["modules"]:
+            module = model.get_submodule(name) if _has_module(model, name) else None
+            if isinstance(module, torch.nn.Embedding):
+                raise ExportError(
+                    f"{name}: GPTQ v1 and compressed-tensors have no quantized embedding table; quantize without "
+                    "the embeddings option to export (the hfcompress folder keeps it and reloads with hfcompress)")
+            stored = file_name.get(f"{name}.qweight", f"{name}.qweight").removesuffix(".qweight")
+            match = _EXPERT.match(stored)
+            if match is None:
+                hub_modules.append(stored)
+                if stored != name:
+                    in_model[stored] = name
+                continue
+            sources = _expert_sources(converters, match["leaf"])
+            if sources is None:
+                raise ExportError(
+                    f"{stored}: {config.get('model_type')} checkpoints store their experts as one fused tensor, not one "
+                    "linear per expert, so GPTQ and compressed-tensors readers have no names for quantized experts; "
+                    "keep the hfcompress folder (it reloads with hfcompress), or quantize with the experts in float")
+            parts = [f"{match['stack']}.{match['index']}.{leaf}" for leaf in sources]
+            for key in [k for k in out if k.startswith(stored + ".")]:
+                del out[key]
+            out.update(_split_columns(tensors, stored, parts, group["bits"]) if len(parts) > 1 else
+                       {f"{parts[0]}{k[len(stored):]}": v for k, v in tensors.items() if k.startswith(stored + ".")})
+            hub_modules += parts
+        group["modules"] = hub_modules
+    shared = qconfig.get("shared") or {}
+    if shared.get("modules"):
+        shared["modules"] = {file_name.get(f"{u}.qweight", f"{u}.qweight").removesuffix(".qweight"):
+                             file_name.get(f"{o}.qweight", f"{o}.qweight").removesuffix(".qweight")
+                             for u, o in shared["modules"].items()}
+    return out, in_model
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Export the hfcompress folder ``folder`` to ``fmt`` in ``output`` (atomically)."""
     if fmt not in EXPORTERS:
@@ -222,8 +334,9 @@ def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike,
     tensors = {}
     for file in files:
         tensors.update(load_file(file))
+    tensors, in_model = _hub_layout(folder, tensors, config)
     tensors = _expand_shared(tensors, config)
-    tensors, quantization_config = EXPORTERS[fmt]().convert(tensors, config)
+    tensors, quantization_config = EXPORTERS[fmt]().convert(tensors, config, in_model)
     config["quantization_config"] = quantization_config
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

@@ -57,6 +57,24 @@ def _from_pretrained(original, cls, *args, compression=None, **kwargs):
 
 
 def _save_pretrained(original, self, save_directory, *args, **kwargs):
+    modules = getattr(getattr(self.config, "quantization_config", None), "modules", None) if is_compressed(self) else None
+    if not modules:
+        return _save_and_finish(original, self, save_directory, *args, **kwargs)
+    from ..formats.checkpoint import saving_conversions
+
+    missing = object()
+    before = getattr(self, "_weight_conversions", missing)
+    self._weight_conversions = saving_conversions(self, modules)  # packed tensors keep their names
+    try:
+        return _save_and_finish(original, self, save_directory, *args, **kwargs)
+    finally:
+        if before is missing:
+            del self._weight_conversions
+        else:
+            self._weight_conversions = before
+
+
+def _save_and_finish(original, self, save_directory, *args, **kwargs):
     result = original(self, save_directory, *args, **kwargs)
     if is_compressed(self) and kwargs.get("is_main_process", True):
         from pathlib import Path

@@ -13,10 +13,20 @@ from __future__ import annotations
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import FORMAT_VERSION, CompressionConfig
-from ..formats.checkpoint import check_quantized_checkpoint
+from ..formats.checkpoint import check_quantized_checkpoint, packed_conversions
 from ..pruning.stage import rebuild_pruned_structure
 from ..quantization.stage import rebuild_quantized_modules
 from ..sharing.layers import rebuild_shared_structure, tie_shared_modules
+
+
+def _drop_packed_ties(model) -> None:
+    """Forget transformers' tied-parameter pairs whose parameter a packed module replaced (Zamba
+    ties its shared blocks' linear weights across layers): those layers load their packed tensors."""
+    ties = getattr(model, "all_tied_weights_keys", None)
+    if not ties:
+        return
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    model.all_tied_weights_keys = {k: v for k, v in ties.items() if k in params and v in params}
 
 
 class CompressionQuantizer(HfQuantizer):
@@ -38,9 +48,14 @@ class CompressionQuantizer(HfQuantizer):
             rebuild_pruned_structure(model, self.quantization_config)
             rebuild_shared_structure(model, self.quantization_config.shared)
             rebuild_quantized_modules(model, self.quantization_config)
+            _drop_packed_ties(model)
             if checkpoint_files:
                 check_quantized_checkpoint(checkpoint_files, model, self.quantization_config)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        return packed_conversions(conversions, self.quantization_config.modules) if self.pre_quantized else conversions
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:

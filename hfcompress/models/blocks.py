@@ -40,7 +40,8 @@ def model_type(model: nn.Module) -> str:
 
 
 def _unique_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Elements of the weights (parameters, and buffers: packed weights once quantized)."""
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
 def language_model_path(model: nn.Module) -> str:
@@ -53,12 +54,21 @@ def language_model_path(model: nn.Module) -> str:
             decoder = get()
         except (AttributeError, NotImplementedError, ValueError):
             decoder = None
-    if not isinstance(decoder, nn.Module):
-        decoder = getattr(model, "base_model", model)
+    if not isinstance(decoder, nn.Module) or not any(isinstance(m, nn.ModuleList) for m in decoder.modules()):
+        decoder = getattr(model, "base_model", model)  # (ModernBERT's get_decoder() is its LM head)
     for name, module in model.named_modules():
         if module is decoder:
             return name
     return ""
+
+
+# Path words of the modules that encode other modalities for the language model: their stacks are
+# never the text decoder's, however many parameters they hold (tiny test models, big vision towers).
+TOWER_WORDS = ("vision", "visual", "image", "audio", "speech", "video", "vit", "siglip", "clip", "perceiver")
+
+
+def _in_tower(path: str) -> bool:
+    return any(word in part for part in path.lower().split(".") for word in TOWER_WORDS)
 
 
 def _check_decoder_only(model: nn.Module) -> None:
@@ -79,11 +89,12 @@ def blocks_path(model: nn.Module) -> str:
     root = language_model_path(model)
     base = model.get_submodule(root) if root else model
     best, best_params = None, 0
-    for name, module in base.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            params = _unique_params(module)
-            if params > best_params:
-                best, best_params = name, params
+    stacks = [(name, m) for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    text = [(name, m) for name, m in stacks if not _in_tower(name)]
+    for name, module in text or stacks:
+        params = _unique_params(module)
+        if params > best_params:
+            best, best_params = name, params
     if best is None:
         raise ArchitectureError(
             f"{type(model).__name__} ({model_type(model)}) has no stack of blocks (no nn.ModuleList of layers) under "

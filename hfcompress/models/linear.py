@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Iterable
 
 import torch
@@ -29,9 +30,19 @@ logger = logging.getLogger(__name__)
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+# nn.Linear subclasses whose own forward still computes x @ W^T + b, so that a packed linear can
+# stand in for them. Any other subclass that overrides forward (DeepSeek-V4's grouped linear,
+# Llama 4's router) multiplies its weight its own way: its weight is a raw weight (see raw_weights).
+PLAIN_LINEAR_SUBCLASSES = {"FalconLinear"}
+
+
 def is_linear(module: nn.Module) -> bool:
     """A float linear layer (``nn.Linear`` or ``Conv1D``), not a packed one."""
-    return isinstance(module, LINEAR_TYPES)
+    if not isinstance(module, LINEAR_TYPES):
+        return False
+    cls = type(module)
+    return (isinstance(module, Conv1D) or cls.forward is nn.Linear.forward
+            or cls.__name__ in PLAIN_LINEAR_SUBCLASSES)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -75,6 +86,39 @@ def linear_weight_grad(module: nn.Module) -> torch.Tensor:
     if grad is None:
         raise ValueError(f"{type(module).__name__} received no gradient: is it used by the forward pass?")
     return grad.t() if isinstance(module, Conv1D) else grad
+
+
+# Parameter names that are not weight matrices even when 2-D or more: biases, norm scales, state
+# space constants (Mamba's A_log, D), attention sinks, embeddings, convolution kernels.
+_NOT_WEIGHTS = re.compile(r"bias|norm|scale|^a(_log)?$|^d$|sink|conv|emb|^pos", re.IGNORECASE)
+
+
+def raw_weights(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{dotted name: parameter}``: the weight matrices inside ``module`` that no linear layer
+    holds, which the model multiplies itself (3-D experts of DBRX, JetMoE, Llama 4; XLNet's
+    einsum projections; Zamba's per-head Mamba projections; grouped linears).
+
+    A weight here has two or more dimensions, and neither it nor its owner is a bias, a norm, an
+    embedding, a convolution or a state-space constant.
+    """
+    found = {}
+    for path, owner in module.named_modules():
+        if is_linear_like(owner) and not _overrides_forward(owner):
+            continue
+        if isinstance(owner, (nn.Embedding, nn.modules.conv._ConvNd)) or "norm" in type(owner).__name__.lower():
+            continue
+        if any("norm" in part.lower() for part in path.split(".")):
+            continue
+        for pname, param in owner.named_parameters(recurse=False):
+            if param.dim() < 2 or _NOT_WEIGHTS.search(pname) or min(param.shape[-1], param.numel() // param.shape[-1]) < 2:
+                continue
+            name = ".".join(p for p in (prefix, path, pname) if p)
+            found[name] = param
+    return found
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and not is_linear(module)
 
 
 def _replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -66,6 +66,8 @@ def expert_scores(model: nn.Module, experts: dict[str, nn.Module], windows: torc
         total.index_add_(0, index[valid].flatten().cpu(), weight[valid].float().flatten().cpu())
 
     for step in walk_blocks(model, windows, device, dtype):
+        if not step.reached:
+            continue
         step.hooks += [m.register_forward_pre_hook(hook, with_kwargs=True)
                        for m in step.block.modules() if id(m) in by_id]  # run by the walk's own pass
     return scores

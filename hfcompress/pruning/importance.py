@@ -111,7 +111,7 @@ def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: t
 
     progress = tqdm(total=len(blocks), desc="importance (activation)", unit="layer")
     for step in walk_blocks(model, windows, device, dtype, observe=observe, after=collect):
-        if layout is None:
+        if layout is None or not step.reached:
             continue
         block = step.block
         sizes = layout.sizes(block)

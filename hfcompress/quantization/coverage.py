@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..models import block_names, decoder_blocks
+from ..models import block_names, decoder_blocks, is_linear, linear_weight, raw_weights
 
 FLOAT_SHARE_LIMIT = 0.10
 
@@ -54,7 +54,7 @@ def _packed_elements(module: nn.Module) -> int | None:
 
 def _kind(sub: str) -> str:
     parts = sub.split(".")
-    if parts[-1] in ("gate", "router", "shared_expert_gate"):
+    if any(part in ("gate", "router", "shared_expert_gate") for part in parts[-2:]):
         return "router"
     if any("expert" in part for part in parts):
         return "experts"
@@ -62,27 +62,24 @@ def _kind(sub: str) -> str:
 
 
 def float_share(model: nn.Module) -> FloatShare:
-    """Count the weight matrices of the model's decoder blocks, quantized or not."""
+    """Count the weight matrices of the model's decoder blocks, quantized or not: linear layers
+    (float or packed), packed tensors, and the raw weights models multiply themselves."""
     share = FloatShare()
     for name, block in zip(block_names(model), decoder_blocks(model)):
-        skip: set[str] = set()
         for sub, module in block.named_modules():
-            if any(sub == s or sub.startswith(s + ".") for s in skip):
-                continue
             packed = _packed_elements(module)
             if packed is not None:
                 share.total += packed
-                skip.add(sub)
-                continue
-            if isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                continue
-            for pname, param in module.named_parameters(recurse=False):
-                if param.dim() < 2:
-                    continue
-                share.total += param.numel()
-                share.float += param.numel()
-                full = f"{name}.{sub}.{pname}" if sub else f"{name}.{pname}"
-                share.modules[full] = param.numel()
-                kind = _kind(sub or pname)
-                share.by_type[kind] = share.by_type.get(kind, 0) + param.numel()
+            elif is_linear(module):
+                _count_float(share, f"{name}.{sub}.weight", sub, linear_weight(module).numel())
+        for full, param in raw_weights(block, prefix=name).items():
+            _count_float(share, full, full[len(name) + 1:], param.numel())
     return share
+
+
+def _count_float(share: FloatShare, full: str, sub: str, count: int) -> None:
+    share.total += count
+    share.float += count
+    share.modules[full] = count
+    kind = _kind(sub)
+    share.by_type[kind] = share.by_type.get(kind, 0) + count

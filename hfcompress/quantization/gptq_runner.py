@@ -114,7 +114,7 @@ class GPTQBlockQuantizer:
                                    act_order=stage.act_order and not stage.static_groups)
         self.rounded: dict[str, str] = {}  # module -> why it was rounded (RTN) instead of solved
 
-    def _round(self, name: str, module: nn.Module, why: str) -> GPTQResult:
+    def round(self, name: str, module: nn.Module, why: str) -> GPTQResult:
         """RTN for a module GPTQ cannot calibrate; its weight is set to what it will compute."""
         W = linear_weight(module).detach().float()
         quantized: QuantizedWeight = quantize_rtn(W, self.stage.bits, self.stage.group_size, self.stage.sym,
@@ -156,7 +156,7 @@ class GPTQBlockQuantizer:
         results = {}
         for name, module in group.items():
             if name in self.experts and count < self.stage.experts.min_tokens:
-                results[name] = self._round(name, module, f"{count} calibration tokens")
+                results[name] = self.round(name, module, f"{count} calibration tokens")
                 continue
             if not self.shared.is_shared(module):
                 buckets.setdefault("own", ({}, H))[0][name] = module
@@ -199,7 +199,7 @@ class GPTQBlockQuantizer:
                 results.update(self._quantize_group(group, tracker.hessians[leader], tracker.counts[leader], index,
                                                     deferred))
         for name in sorted(set(targets) - set(results) - deferred):  # never called by the forward pass
-            results[name] = self._round(name, targets[name], "never reached by the calibration forward pass")
+            results[name] = self.round(name, targets[name], "never reached by the calibration forward pass")
         return results
 
 
@@ -263,7 +263,11 @@ def quantize_gptq(
         for module in experts:
             module.calibrate_all = stage.experts.calibrate_all
         try:
-            results = quantizer.quantize_block(block, targets_here, step.inputs, b) if targets_here else {}
+            if not step.reached:  # the model skips it for text: round what it holds rather than leave it float
+                results = {short: quantizer.round(short, module, "its block is not reached by the forward pass")
+                           for short, module in targets_here.items()}
+            else:
+                results = quantizer.quantize_block(block, targets_here, step.inputs, b) if targets_here else {}
         finally:
             for module in experts:
                 module.calibrate_all = False

@@ -19,13 +19,16 @@ from tqdm.auto import tqdm
 
 from ..config import CompressionConfig
 from ..errors import UserError
-from ..models import (ArchitectureError, find_fused_experts, find_linear_layers, is_linear, language_model_path,
-                      linear_shape, linear_weight, matches, model_configs, output_embedding_names, unfuse_experts)
+from ..models import (ArchitectureError, block_names, decoder_blocks, find_fused_experts, find_linear_layers, is_linear,
+                      language_model_path, linear_shape, linear_weight, matches, model_configs, output_embedding_names,
+                      raw_weights, unfuse_experts)
 from ..models.layout import ROUTER_NAMES
 from ..recipe import QuantizeStage
 from ..sharing.layers import merge_records, tie_shared_modules
 from .coverage import FLOAT_SHARE_LIMIT, float_share
 from .embedding import QuantEmbedding
+from .packed_tensor import SUFFIX as PACKED_SUFFIX
+from .packed_tensor import empty_packed_parameter, pack_parameter
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
 
@@ -82,6 +85,32 @@ def select_targets(model: nn.Module, stage: QuantizeStage) -> dict[str, nn.Modul
     return layers
 
 
+def select_raw_weights(model: nn.Module, stage: QuantizeStage) -> list[str]:
+    """The weight tensors of the decoder blocks that no linear layer holds (see
+    :func:`~hfcompress.models.raw_weights`), minus ignored ones and, unless ``routers``, routers'."""
+    try:
+        blocks = list(zip(block_names(model), decoder_blocks(model)))
+    except ArchitectureError:
+        return []
+    names = [name for prefix, block in blocks for name in raw_weights(block, prefix=prefix)]
+    names = [name for name in names if not matches(name, stage.ignore) and not matches(name.rpartition(".")[0], stage.ignore)]
+    if not stage.routers:
+        names = [name for name in names if not set(name.split(".")[-2:]) & set(ROUTER_NAMES)]
+    return names
+
+
+def _pack_raw_weights(model: nn.Module, names: list[str], config: CompressionConfig, fmt: LinearFormat,
+                      method: str) -> None:
+    """Round the raw weights to ``fmt`` and pack them in place (GPTQ cannot see their inputs)."""
+    level = logging.WARNING if method != "rtn" else logging.INFO
+    logger.log(level, "%d weight tensors that are not linear layers (the model multiplies them itself) are rounded to "
+               "nearest (RTN): %s", len(names), ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+    for name in names:
+        owner, _, pname = name.rpartition(".")
+        pack_parameter(model.get_submodule(owner), pname, fmt)
+        config.modules[name + PACKED_SUFFIX] = fmt
+
+
 def _unfuse_experts(model: nn.Module, stage: QuantizeStage) -> None:
     """Experts stored as 3-D parameters become one linear layer per expert, unless ignored."""
     root = language_model_path(model)
@@ -92,14 +121,17 @@ def _unfuse_experts(model: nn.Module, stage: QuantizeStage) -> None:
         logger.info("unfused the experts of %d MoE layers into per-expert linear layers", len(names))
 
 
-def check_float_share(model: nn.Module, stage: QuantizeStage, targets: dict[str, nn.Module]) -> None:
+def check_float_share(model: nn.Module, stage: QuantizeStage, targets: dict[str, nn.Module],
+                      raw: list[str] = ()) -> None:
     """Before any work: refuse (``strict``) or warn when the targets leave over 10% of the decoder in float."""
     try:
         share = float_share(model)
     except ArchitectureError:
         return  # no stack of blocks (an RTN-only model): nothing to measure against
     planned = {id(m) for m in targets.values()}
-    left = {name: count for name, count in share.modules.items() if id(_owner(model, name)) not in planned}
+    raw = set(raw)
+    left = {name: count for name, count in share.modules.items()
+            if name not in raw and id(_owner(model, name)) not in planned}
     fraction = sum(left.values()) / share.total if share.total else 0.0
     if fraction <= FLOAT_SHARE_LIMIT:
         return
@@ -170,15 +202,22 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
         decoder_blocks(model)  # a model without a stack of blocks fails here, before calibration data loads
     _unfuse_experts(model, stage)
     layers = select_targets(model, stage)
-    if not layers:
+    raw = select_raw_weights(model, stage)
+    if not layers and not raw:
         raise ValueError(
             f"{type(model).__name__} has no linear layers left to quantize (after ignore={stage.ignore}); "
             "check the ignore patterns"
         )
-    check_float_share(model, stage, layers)
+    check_float_share(model, stage, layers, raw)
     logger.info("quantizing %d linear layers: %s, %d bits, group size %d, %s",
                 len(layers), stage.method, stage.bits, stage.group_size, "symmetric" if stage.sym else "asymmetric")
     rtn_format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym)
+    if raw:
+        _pack_raw_weights(model, raw, config, rtn_format, stage.method)
+    if not layers:
+        tie_shared_modules(model, config.shared)
+        report_float_share(model)
+        return
     if stage.method == "rtn":
         _quantize_rtn(model, stage, layers, config, rtn_format)
     else:
@@ -202,6 +241,11 @@ def rebuild_quantized_modules(model: nn.Module, config: CompressionConfig) -> No
     experts = [name for name in find_fused_experts(model) if any(m.startswith(name + ".") for m in config.modules)]
     unfuse_experts(model, experts)
     for name, fmt in config.modules.items():
+        owner, _, pname = name.removesuffix(PACKED_SUFFIX).rpartition(".")
+        if (name.endswith(PACKED_SUFFIX) and not _has_module(model, name) and _has_module(model, owner)
+                and pname in model.get_submodule(owner)._parameters):
+            empty_packed_parameter(model.get_submodule(owner), pname, fmt)  # a raw weight (see packed_tensor)
+            continue
         module = model.get_submodule(name) if _has_module(model, name) else None
         if isinstance(module, nn.Embedding):
             model.set_submodule(name, QuantEmbedding.empty_like(module, fmt))

@@ -34,6 +34,7 @@ __all__ = [
     "OVERRIDES",
     "causal_lm_types",
     "decoder_depth",
+    "describe_error",
     "layer_coverage",
     "layer_signatures",
     "probe",
@@ -648,7 +649,7 @@ def tiny_inputs(model: nn.Module, batch: int = 2, seq_len: int = 32, seed: int =
     return make(model, input_ids) if make is not None else {"input_ids": input_ids}
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """One line: the exception, plus why when an optional third-party package is missing."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # Validation errors say what failed on the line after "...validator 'x':".
@@ -674,7 +675,7 @@ def probe(model_type: str) -> dict:
             model(**tiny_inputs(model))
         result["ok"] = True
     except Exception as error:  # a probe reports every failure rather than raising it
-        result["error"] = _describe(error)
+        result["error"] = describe_error(error)
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
