@@ -246,9 +246,26 @@ def quantize_gptq(
         for name, fmt in resume.restore(model, hidden).items():
             record(name, fmt)
 
-    packed: dict[str, QuantLinear] = {}
+    pending: dict[int, tuple] = {}  # block -> (its results, the quantizer's format, its targets)
+
+    def install(step) -> dict[str, QuantLinear]:
+        """Swap the block's quantized linears for packed ones (every layer that shares one gets it)."""
+        results, fmt, targets_here = pending.pop(step.index)
+        packed = {}
+        for short, result in results.items():
+            module = targets_here[short]
+            qlinear = QuantLinear.from_quantized(result.weight, module.bias, fmt)
+            packed[f"{step.name}.{short}"] = qlinear
+            for user, user_short in users[id(module)]:
+                blocks[user].set_submodule(user_short, qlinear)
+            record(owners[id(module)], fmt)
+        return packed
 
     def checkpoint(step):
+        # After the walk has run the windows through the block: the next block's inputs come from
+        # the float linears holding the dequantized weights (what GPTQ's error feedback assumed),
+        # not from whichever packed kernel the device would pick.
+        packed = install(step)
         if resume is not None:
             resume.save(step.index, packed, step.inputs.hidden)
 
@@ -271,14 +288,9 @@ def quantize_gptq(
         finally:
             for module in experts:
                 module.calibrate_all = False
-        packed = {}
-        for short, result in results.items():
-            module = targets_here[short]
-            qlinear = QuantLinear.from_quantized(result.weight, module.bias, quantizer.format)
-            packed[f"{step.name}.{short}"] = qlinear
-            for user, user_short in users[id(module)]:  # one QuantLinear for every layer that shares it
-                blocks[user].set_submodule(user_short, qlinear)
-            record(owners[id(module)], quantizer.format)
+        pending[b] = (results, quantizer.format, targets_here)
+        if not step.reached:  # no pass through it follows, so no checkpoint either
+            install(step)
         rounded.update({f"{step.name}.{short}": why for short, why in quantizer.rounded.items()})
         progress.update(1)
         if results:
