@@ -6,7 +6,9 @@ model, shows progress and records what it did in the :class:`~hfcompress.config.
 Targets are the linear layers of the language model (a multimodal model's vision and audio towers
 and projectors stay in float unless ``include`` names them), the experts of MoE layers (unfused
 first into one linear layer per expert, see :mod:`hfcompress.models.experts`), and not the
-routers (``routers: true`` quantizes them too). What stays in float is counted and reported.
+routers (``routers: true`` quantizes them too), and the raw weights that the model multiplies
+itself rather than through a linear layer (packed in place and rounded, see
+:mod:`hfcompress.quantization.packed_tensor`). What stays in float is counted and reported.
 """
 
 from __future__ import annotations
