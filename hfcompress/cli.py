@@ -23,6 +23,7 @@ from .errors import UserError
 logger = logging.getLogger("hfcompress")
 
 DEFAULT_RECIPE = "w4-rtn"
+SAVE_FORMATS = ("auto", "native", "compressed-tensors")  # as hfcompress.formats.save, without importing torch
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"recipe YAML file or bundled recipe name (default: {DEFAULT_RECIPE})")
     comp.add_argument("--output", help="output folder (default: <model>-<recipe> in the current folder)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    comp.add_argument("--format", dest="save_format", choices=SAVE_FORMATS, default="auto",
+                      help="auto (default): compressed-tensors, which stock transformers and vLLM load, whenever it "
+                           "holds the model exactly, else native; native: hfcompress's own format (loads only with "
+                           "hfcompress); compressed-tensors: that, or an error saying why not")
     comp.add_argument("--calibration-data", help="calibration data for GPTQ: a text file, a folder, a dataset name, "
                                                  "or a .safetensors file of token windows (input_ids [n, seq_len]); "
                                                  "overrides the recipe's calibration.data")
@@ -124,9 +129,9 @@ def _float_bytes(model) -> int:
 
 def run_compress(args) -> int:
     from . import compress
-    from .data import check_text_source
+    from .data import check_text_source, describe_text_source
     from .evaluation import evaluate_perplexity
-    from .io import check_output, load_model, load_processor, save_compressed
+    from .io import check_output, load_model, load_processor, read_license, save_compressed
     from .recipe import Recipe
     from .report import format_bytes, summarize_folder
 
@@ -150,14 +155,19 @@ def run_compress(args) -> int:
     config = model.hfcompress_config
     if config.base_model is None:
         config.base_model = source.hub_id
+    if config.license is None:
+        config.license = read_license(source)
     after = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
     if after is not None:
-        config.metrics["perplexity"] = {**after.to_dict(), "data": str(data)}
+        config.metrics["perplexity"] = {**after.to_dict(), "dataset": describe_text_source(
+            data, split=args.split, config_name=args.config_name)}
         config.metrics["perplexity_before_compression"] = before.perplexity
     processor = load_processor(source, trust_remote_code=args.trust_remote_code)
-    save_compressed(model, output, tokenizer, overwrite=args.overwrite, processor=processor)
+    save_compressed(model, output, tokenizer, overwrite=args.overwrite, processor=processor,
+                    save_format=args.save_format)
     shutil.rmtree(resume_dir, ignore_errors=True)
     summary = summarize_folder(output)
+    print(f"format:     {getattr(model, 'hfcompress_saved_format', None) or 'plain transformers checkpoint'}")
     print(f"size:       {format_bytes(size_before)} ({args.dtype}) -> {format_bytes(summary['tensor_bytes'])} "
           f"({summary['bits_per_weight']:.2f} bits per weight)")
     if after is not None:

@@ -14,8 +14,13 @@ the weights load. In ``config.json`` it reads::
       "pruned": {"head_dim": 64, "layers": [{"heads": 6, "kv_heads": 2, "ffn": 1152}, ...]},
       "shared": {"modules": {"model.layers.1.mlp.up_proj": "model.layers.0.mlp.up_proj", ...}},
       "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-      "metrics": {"perplexity": {...}}
+      "license": "apache-2.0",
+      "metrics": {"perplexity": {"perplexity": 17.8, "dataset": "WikiText-2 (raw, test)", ...}}
     }
+
+``base_model`` (a Hub id), ``license`` (the source model's, as the Hub spells it) and
+``metrics`` are what the model card (:mod:`hfcompress.card`) publishes; none of them holds a
+local path.
 
 >>> config = CompressionConfig(recipe={"stages": [{"quantize": {"bits": 4}}]})
 >>> CompressionConfig.from_dict(config.to_dict()).recipe == config.recipe
@@ -35,6 +40,7 @@ from .recipe import Recipe
 
 QUANT_METHOD = "hfcompress"
 FORMAT_VERSION = 1
+STORAGES = (QUANT_METHOD, "compressed-tensors")
 
 
 class CompressionConfig(QuantizationConfigMixin):
@@ -45,17 +51,19 @@ class CompressionConfig(QuantizationConfigMixin):
         recipe: Recipe | dict | str | None = None,
         quantized: list[dict] | None = None,
         base_model: str | None = None,
+        license: str | None = None,
         metrics: dict | None = None,
         pruned: dict | None = None,
         shared: dict | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
+        storage: str = QUANT_METHOD,
         **unknown: Any,
     ):
         if unknown:
             raise ValueError(
                 f"unknown key(s) in the hfcompress quantization_config: {', '.join(sorted(unknown))}; valid keys: "
-                "quant_method, format_version, recipe, quantized, pruned, shared, base_model, metrics"
+                "quant_method, format_version, recipe, quantized, pruned, shared, base_model, license, metrics, storage"
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method is {quant_method!r}; CompressionConfig reads {QUANT_METHOD!r} only")
@@ -66,6 +74,11 @@ class CompressionConfig(QuantizationConfigMixin):
             )
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
+        if storage not in STORAGES:
+            raise ValueError(f"storage is {storage!r}; valid: {', '.join(STORAGES)}")
+        # How the packed tensors of the checkpoint being loaded are laid out: ours, or
+        # compressed-tensors' (a default save, see hfcompress.formats.folder); once loaded, ours.
+        self.storage = storage
         self.recipe = None if recipe is None else Recipe.load(recipe)
         self.modules: dict[str, LinearFormat] = {}
         for group in quantized or []:
@@ -74,6 +87,7 @@ class CompressionConfig(QuantizationConfigMixin):
             fmt = LinearFormat(**group)
             self.modules.update({name: fmt for name in names})
         self.base_model = base_model
+        self.license = license  # the source model's license, carried to the model card
         self.metrics = dict(metrics or {})
         # Per-layer sizes after structured pruning, when the model's config cannot express them:
         # {"head_dim": d, "layers": [{"heads": h, "kv_heads": kv, "ffn": f}, ...]}.
@@ -105,8 +119,12 @@ class CompressionConfig(QuantizationConfigMixin):
             out["pruned"] = copy.deepcopy(self.pruned)
         if self.shared:
             out["shared"] = copy.deepcopy(self.shared)
+        if self.storage != QUANT_METHOD:
+            out["storage"] = self.storage
         if self.base_model is not None:
             out["base_model"] = self.base_model
+        if self.license is not None:
+            out["license"] = self.license
         if self.metrics:
             out["metrics"] = copy.deepcopy(self.metrics)
         return out

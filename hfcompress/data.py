@@ -30,6 +30,51 @@ def bundled_text(name: str) -> Path:
     return Path(os.fspath(path))
 
 
+# Names fit to publish (model cards, recorded metrics) for the texts users evaluate on most.
+WIKITEXT2_NAME = "WikiText-2 (raw, test)"
+BUNDLED_TEXT_NAMES = {
+    "calibration": "Northanger Abbey by Jane Austen (opening chapters, bundled with hfcompress)",
+    "evaluation": "Persuasion by Jane Austen (opening chapters, bundled with hfcompress)",
+}
+
+
+def describe_text_source(data: Any, *, split: str = "test", config_name: str | None = None) -> str:
+    """A name for ``data`` that can be published: never a local path (which says nothing to
+    readers and exposes the user's folders). WikiText-2 is named as such, from its alias, its
+    dataset id or its usual file name; the bundled texts by title; other files and folders by
+    their base name; dataset names as given, with configuration and split.
+
+    >>> describe_text_source("wikitext2")
+    'WikiText-2 (raw, test)'
+    >>> describe_text_source("/home/me/data/wikitext-2-raw/wiki.test.raw")
+    'WikiText-2 (raw, test)'
+    >>> describe_text_source(bundled_text("evaluation"))
+    'Persuasion by Jane Austen (opening chapters, bundled with hfcompress)'
+    >>> describe_text_source("/home/me/notes/my-eval.txt")
+    'my-eval.txt'
+    >>> describe_text_source("allenai/c4", config_name="en", split="validation")
+    'allenai/c4 (en, validation)'
+    """
+    if not isinstance(data, (str, os.PathLike)):
+        info = getattr(data, "info", None)
+        return getattr(info, "dataset_name", None) or type(data).__name__
+    text = os.fspath(data)
+    if text in DATASET_ALIASES:
+        text, config_name, split = DATASET_ALIASES[text]
+    if text.rsplit("/", 1)[-1] == "wikitext" and config_name == "wikitext-2-raw-v1" and split == "test":
+        return WIKITEXT2_NAME
+    path = Path(text).expanduser()
+    for name, title in BUNDLED_TEXT_NAMES.items():
+        if path.exists() and path.resolve() == bundled_text(name).resolve():
+            return title
+    if path.name == "wiki.test.raw":
+        return WIKITEXT2_NAME
+    if path.exists() or text.startswith((".", "/", "~")):
+        return path.resolve().name
+    details = ", ".join(part for part in (config_name, split) if part)
+    return f"{text} ({details})" if details else text
+
+
 def _join_rows(dataset: Any, text_column: str) -> str:
     if text_column not in dataset.column_names:
         raise DataError(

@@ -161,6 +161,39 @@ def load_model(
     return model, tokenizer, resolved
 
 
+def read_license(source: ModelSource, online: bool = True) -> str | None:
+    """The license the source model declares, as the Hub spells it (``apache-2.0``), or None.
+
+    A GGUF file's ``general.license``, else the YAML header of a folder's ``README.md``, else
+    (``online``) the card of the Hub repository; a card that cannot be fetched (offline, gated,
+    none) is logged at debug level and gives None.
+
+    >>> read_license(ModelSource("/nonexistent"), online=False) is None
+    True
+    """
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if source.gguf_file:
+        from gguf import GGUFReader
+
+        field = GGUFReader(Path(source.path) / source.gguf_file).fields.get("general.license")
+        return str(field.contents()) if field is not None else None
+    card_path = Path(source.path) / "README.md"
+    if card_path.is_file():
+        card = ModelCard.load(card_path, ignore_metadata_errors=True)
+    elif source.hub_id and online:
+        try:
+            card = ModelCard.load(source.hub_id, ignore_metadata_errors=True)
+        except (OSError, ValueError, EntryNotFoundError) as err:  # offline, no such repo, no card
+            logger.debug("no model card read for %s (%s): license unknown", source.hub_id, err)
+            return None
+    else:
+        return None
+    value = card.data.license
+    return value if isinstance(value, str) else None
+
+
 def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing non-empty output unless ``overwrite``; call before long work starts."""
     output = Path(output)
@@ -172,9 +205,10 @@ def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-                    processor=None) -> Path:
+                    processor=None, save_format: str = "auto") -> Path:
     """``save_pretrained`` (model card included) into ``output``, atomically, with the tokenizer,
     or the whole multimodal ``processor`` (which holds the tokenizer) when there is one.
+    ``save_format``: ``auto``, ``native`` or ``compressed-tensors`` (see :mod:`hfcompress.formats.save`).
 
     Everything is written to a temporary folder beside ``output`` and renamed at the end; an
     error or interruption removes the temporary folder and leaves ``output`` as it was.
@@ -186,7 +220,7 @@ def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite:
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, save_format=save_format)  # an argument import hfcompress adds
         if processor is not None:
             processor.save_pretrained(staging)
         elif tokenizer is not None:

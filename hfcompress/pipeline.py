@@ -199,6 +199,10 @@ def compress(
     if config.base_model is None:
         config.base_model = base_model_id(model)
     source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if config.license is None and source and Path(source).is_dir():  # cheap: a local card (no Hub call)
+        from .io import ModelSource, read_license
+
+        config.license = read_license(ModelSource(os.fspath(source)), online=False)
     context = CompressionContext(
         calibration=recipe.calibration or CalibrationConfig(),
         calibration_data=calibration_data,

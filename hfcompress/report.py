@@ -1,7 +1,8 @@
 """What a saved folder holds: methods, sizes per module type and bits per weight.
 
-Reads ``config.json`` and the safetensors headers only (no tensor data, no model code), so it
-works on any folder, compressed or not. ``linear_shapes`` (``{module: (in, out)}``) gives exact
+Reads ``config.json`` and the safetensors headers only (no tensor data, no model code; the
+two-integer ``weight_shape`` tensors of compressed-tensors folders excepted), so it works on any
+folder, compressed or not, in our native format or compressed-tensors. ``linear_shapes`` (``{module: (in, out)}``) gives exact
 weight counts for packed layers; without it they are read off the packed shapes, which is exact
 unless ``in_features * bits`` is not a multiple of 32.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .formats.checkpoint import read_tensor_headers, stored_names
+from .formats.folder import read_config_dict
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -80,6 +82,21 @@ def _params_of(module: str, shapes: dict, formats: dict, linear_shapes: dict | N
     return total
 
 
+def _packed_weight_shapes(files: list[Path], model_name: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """``{module: (out, in)}`` of the compressed-tensors packed linears in ``files``, from their
+    ``weight_shape`` tensors (two integers each; safetensors, nothing unpickled)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(".weight_shape"):
+                    name = model_name.get(key, key).removesuffix(".weight_shape")
+                    shapes[name] = tuple(int(v) for v in handle.get_tensor(key).tolist())
+    return shapes
+
+
 def _reused_params(config: dict, qconfig: dict, shapes: dict, formats: dict, linear_shapes: dict | None) -> int:
     """Parameters the network uses more than once: tied embeddings, layers that share modules."""
     reused = 0
@@ -102,13 +119,15 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json; not a saved transformers model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_config_dict(json.loads(config_path.read_text(encoding="utf-8")))
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")
     stored = read_tensor_headers(files)
-    headers = {name: stored[key] for name, key in stored_names(directory, config, stored).items()}
+    names = stored_names(directory, config, stored)
+    headers = {name: stored[key] for name, key in names.items()}
     shapes = {key: shape for key, (_, shape) in headers.items()}
+    packed_shapes = _packed_weight_shapes(files, {key: name for name, key in names.items()})
 
     qconfig = config.get("quantization_config") or {}
     formats = {}
@@ -128,6 +147,14 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
         module, _, tensor = key.rpartition(".")
         nbytes = _nbytes(dtype, shape)
         in_block = bool(_BLOCK.search(key)) and not _is_embedding(module)
+        if module in packed_shapes:  # compressed-tensors pack-quantized: weight_shape says what it holds
+            n, k = packed_shapes[module]
+            if tensor == "bias":
+                add("other (norms, biases)", shape[0], nbytes)
+            else:
+                add(_quantized_type(module), n * k if tensor == "weight_packed" else 0, nbytes)
+                block_total += n * k if in_block and tensor == "weight_packed" else 0
+            continue
         if module in formats:
             group = formats[module]
             if tensor == "qweight":

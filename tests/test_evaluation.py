@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hfcompress.errors import DataError
 from hfcompress.evaluation import _windows, evaluate_perplexity
 
-from conftest import tiny_llama
+from conftest import W4G64, tiny_llama
 
 
 def manual_nll(model, ids, seq_len):
@@ -77,3 +77,68 @@ def test_evaluate_metric_module_loads_offline(tiny_llama_dir, monkeypatch):
     out = metric.compute(predictions=[text], model_id=str(tiny_llama_dir), seq_len=64, max_windows=3)
     assert out["windows"] == 3 and out["tokens"] == 3 * 63
     assert math.isfinite(out["perplexity"]) and out["perplexity"] > 1
+    assert len(out["perplexities"]) == 1 and out["mean_perplexity"] == pytest.approx(out["perplexities"][0])
+
+
+TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune",
+         "Happy birthday!", "must be in want of a wife."]
+
+
+def direct_perplexity(model, ids):
+    """exp(mean NLL) of one text's token ids, the text alone in the batch, without padding."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    return math.exp(F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+
+
+@pytest.mark.parametrize("add_start_token, max_length", [(False, None), (True, 6)])
+def test_evaluate_metric_per_text_perplexities(tokenizer, add_start_token, max_length):
+    import evaluate
+    from transformers import PreTrainedTokenizerFast
+
+    import hfcompress.metrics
+
+    # The test tokenizer has no BOS token: this copy uses <eos> (id 0, tiny_llama's bos_token_id) as one.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>",
+                                        bos_token="<eos>")
+    model = tiny_llama()
+    metric = evaluate.load(hfcompress.metrics.metric_path("perplexity"))
+    # batch_size=2: the texts have different lengths, so batches are padded, and the last is smaller.
+    out = metric.compute(predictions=TEXTS, model=model, tokenizer=tokenizer, batch_size=2,
+                         add_start_token=add_start_token, max_length=max_length)
+    assert {"perplexities", "mean_perplexity", "perplexity", "nll", "tokens", "windows"} <= set(out)
+    assert len(out["perplexities"]) == len(TEXTS)
+    for text, perplexity in zip(TEXTS, out["perplexities"]):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = [0] + ids[: max_length - 1] if add_start_token else ids  # max_length counts the BOS token
+        assert perplexity == pytest.approx(direct_perplexity(model, ids), rel=1e-5)
+    assert out["mean_perplexity"] == pytest.approx(sum(out["perplexities"]) / len(TEXTS))
+    # The corpus perplexity is still there: the joined texts, shorter than seq_len, make one window.
+    assert out["windows"] == 1 and math.isfinite(out["perplexity"])
+    with pytest.raises(DataError, match="text 1 has 1 token"):
+        metric.compute(predictions=["It is", "a"], model=model, tokenizer=tokenizer, add_start_token=False)
+
+
+def test_evaluate_metric_takes_a_compressed_model_object(tmp_path, tokenizer, monkeypatch):
+    import evaluate
+
+    import hfcompress
+    import hfcompress.metrics
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = hfcompress.compress(tiny_llama(), W4G64)
+    hfcompress.save_compressed(model, tmp_path / "w4", tokenizer)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))  # the object itself runs, not a reload
+    metric = evaluate.load(hfcompress.metrics.metric_path("perplexity"))
+    options = dict(predictions=TEXTS, seq_len=16, batch_size=2)
+    from_path = metric.compute(model_id=str(tmp_path / "w4"), device="cpu", **options)
+    assert not calls
+    from_object = metric.compute(model=model, tokenizer=tokenizer, **options)
+    assert calls
+    assert from_object["windows"] == from_path["windows"] > 1
+    for key in ("perplexities", "mean_perplexity", "perplexity", "nll"):
+        assert from_object[key] == pytest.approx(from_path[key], rel=1e-5), key
+    # model_id takes the object too, and then the tokenizer comes from its folder (name_or_path).
+    model.name_or_path = str(tmp_path / "w4")
+    assert metric.compute(model_id=model, **options)["perplexities"] == from_object["perplexities"]

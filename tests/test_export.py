@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress
 from hfcompress.cli import main
+from hfcompress.errors import UserError
 from hfcompress.formats.export import ExportError, export_model
 from hfcompress.quantization import dispatch
 from hfcompress.quantization.pack import pack_columns, unpack_columns
@@ -94,7 +95,7 @@ def test_what_a_format_cannot_hold_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "asym0")
     with pytest.raises(ExportError, match="zero point of 0 cannot be stored in GPTQ v1"):
         export_model(tmp_path / "asym0", "gptq", tmp_path / "g")
-    with pytest.raises(ExportError, match="not saved by hfcompress"):
+    with pytest.raises(UserError, match="not saved by hfcompress"):
         tiny_llama().save_pretrained(tmp_path / "plain-float")
         export_model(tmp_path / "plain-float", "gptq", tmp_path / "g2")
 

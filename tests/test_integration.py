@@ -59,7 +59,7 @@ def test_bad_recipe_fails_before_loading(tiny_llama_dir):
 def test_save_and_reload_llama_is_bit_identical(tmp_path, tiny_llama_dir, recipe):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=recipe)
     expected = logits(model, IDS)
-    model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "out", save_format="native")  # the native layout (test_save_format: the rest)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["recipe"] == hfcompress.Recipe.load(recipe).to_dict()
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:

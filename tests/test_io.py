@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress
 from hfcompress.errors import ModelSourceError, OutputExistsError
-from hfcompress.io import check_output, load_model, resolve_model_source, save_compressed
+from hfcompress.io import ModelSource, check_output, load_model, read_license, resolve_model_source, save_compressed
 
 from conftest import W4G64, tiny_llama
 
@@ -75,6 +75,36 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelSourceError, match="cannot load model 'nobody/no-such-model'.*Hub may be unreachable"):
         load_model("nobody/no-such-model")
+
+
+def test_license_is_read_from_gguf_metadata_a_folder_card_or_the_hub(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from gguf import GGUFWriter
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    writer = GGUFWriter(tmp_path / "m.gguf", "llama")
+    writer.add_license("apache-2.0")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert read_license(ModelSource(str(tmp_path), "m.gguf")) == "apache-2.0"
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert read_license(ModelSource(str(folder))) is None  # no card
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    assert read_license(ModelSource(str(folder))) == "mit"
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(ModelCard, "load", offline)
+    with caplog.at_level(logging.DEBUG, logger="hfcompress.io"):
+        assert read_license(ModelSource("org/name", hub_id="org/name")) is None
+    assert "license unknown" in caplog.text
+    assert read_license(ModelSource("org/name", hub_id="org/name"), online=False) is None
 
 
 def test_load_model_picks_the_class_and_passes_compression(tiny_llama_dir, tiny_bert_dir):

@@ -7,8 +7,6 @@ against those the pruned model gave before saving, and generates.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import hfcompress
 from hfcompress.models import decoder_blocks
 from hfcompress.pruning import layout_of
 from hfcompress.testing import tiny_inputs, tiny_model
+from hfcompress.testing.stock import run_without_hfcompress
 
 # Dense families whose config can describe fewer heads (a head_dim key, or one derived from
 # widths the cut keeps) and a narrower FFN.
@@ -27,13 +26,8 @@ PLAIN = ["llama", "qwen3", "gemma3_text", "phi3", "olmo2", "granite", "starcoder
 # head cut is recorded for hfcompress to rebuild; an FFN cut stays plain.
 FFN_ONLY = ["gpt_neox", "falcon", "stablelm"]
 
-LOADER = """
-import importlib.abc, json, sys, torch
-class NoPlugin(importlib.abc.MetaPathFinder):  # this process must do without hfcompress
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hfcompress":
-            raise ImportError("hfcompress is not installed here")
-sys.meta_path.insert(0, NoPlugin())
+LOADER = """  # run where hfcompress cannot be imported
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 out = {}
 for family, (folder, ids) in json.loads(sys.argv[1]).items():
@@ -69,9 +63,7 @@ def test_pruned_dense_families_load_and_generate_without_hfcompress(tmp_path):
         if family not in FFN_ONLY:
             assert after.heads < before.heads, family
         jobs[family] = (str(tmp_path / family), ids)
-    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    loaded = run_without_hfcompress(LOADER, json.dumps(jobs))
     for family, result in loaded.items():
         assert result["generated"] == 12, family
         assert result["sum"] == pytest.approx(expected[family], rel=1e-5, abs=1e-3), family

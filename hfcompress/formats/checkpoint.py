@@ -75,7 +75,7 @@ def packed_conversions(conversions: list, packed: Iterable[str]) -> list:
     rename one of their names (other renamings stay)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    keys = [f"{name}.qweight" for name in packed]
+    keys = [f"{name}.{tensor}" for name in packed for tensor in ("qweight", "weight_packed")]
     kept = []
     for conversion in conversions:
         if isinstance(conversion, WeightConverter):

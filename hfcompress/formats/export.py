@@ -24,6 +24,7 @@ at the end.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,10 +34,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, OutputExistsError, UserError
-from .checkpoint import loaded_names, packed_modules, skeleton
+from ..errors import OutputExistsError, UserError
+from . import compressed_tensors
+from .checkpoint import loaded_names, packed_modules, skeleton, sort_metadata_in_place
+from .folder import RECORD_KEY, read_native
+from ..quantization.packed_tensor import SUFFIX as PACKED_SUFFIX
 from ..quantization.grid import group_index
 from ..quantization.pack import pack_columns, unpack_columns
 
@@ -61,11 +64,17 @@ def _single_format(qconfig: dict, target: str) -> dict:
     return {k: v for k, v in _groups(qconfig)[0].items() if k != "modules"}
 
 
-def _in_features(tensors: dict, name: str, fmt: dict) -> int:
+def _in_features(tensors: dict, name: str, bits: int, known: dict[str, int]) -> int:
+    """The true in_features of packed linear ``name``: from the model (``known``) or ``g_idx``; from
+    ``qweight``'s rows only where they hold no padding (``K * bits`` a multiple of 32)."""
+    if name in known:
+        return known[name]
     if f"{name}.g_idx" in tensors:
         return tensors[f"{name}.g_idx"].numel()
     rows = tensors[f"{name}.qweight"].shape[0]
-    return rows * 32 // fmt["bits"]  # exact whenever K * bits is a multiple of 32 (checked by exporters)
+    if rows * 32 % bits == 0 and bits in (2, 4, 8):
+        return rows * 32 // bits
+    raise ExportError(f"{name}: cannot tell its in_features from the files (the model class could not be built)")
 
 
 class GPTQv1Exporter:
@@ -73,7 +82,8 @@ class GPTQv1Exporter:
 
     name = "gptq"
 
-    def convert(self, tensors: dict, config: dict, in_model: dict[str, str]) -> tuple[dict, dict]:
+    def convert(self, tensors: dict, config: dict, in_model: dict[str, str],
+                in_features: dict[str, int]) -> tuple[dict, dict]:
         qconfig = config["quantization_config"]
         fmt = _single_format(qconfig, "GPTQ v1")
         bits, group_size = fmt["bits"], fmt["group_size"]
@@ -84,20 +94,19 @@ class GPTQv1Exporter:
         for name in modules:
             qweight = tensors[f"{name}.qweight"]
             n = qweight.shape[1]
-            k = _in_features(tensors, name, fmt)
+            k = _in_features(tensors, name, bits, in_features)
             if (k * bits) % 32 or (n * bits) % 32:
                 raise ExportError(f"{name}: GPTQ v1 packs whole int32 words; {k}x{n} at {bits} bits does not fill them")
             if group_size != -1 and k % group_size:
                 raise ExportError(
                     f"{name}: in_features {k} is not a multiple of group_size {group_size} (a short last group); "
-                    "GPTQ v1 readers expect in_features // group_size groups: export to compressed-tensors, "
-                    "or quantize with a group size that divides every layer (e.g. 64 for SmolLM2)"
+                    "GPTQ v1 readers expect in_features // group_size groups: quantize with a group size that "
+                    "divides every layer (e.g. 64 for SmolLM2)"
                 )
             zeros = unpack_columns(tensors[f"{name}.qzeros"], bits, n)
             if int(zeros.min()) < 1:
                 raise ExportError(
-                    f"{name}: a zero point of 0 cannot be stored in GPTQ v1 (it stores zero minus one); "
-                    "export an asymmetric model to compressed-tensors instead"
+                    f"{name}: a zero point of 0 cannot be stored in GPTQ v1 (it stores zero minus one)"
                 )
             out[f"{name}.qzeros"] = pack_columns(zeros - 1, bits)
             if f"{name}.g_idx" not in tensors:
@@ -121,74 +130,29 @@ class GPTQv1Exporter:
 
 
 class CompressedTensorsExporter:
-    """compressed-tensors ``pack-quantized``: our packed tensors, transposed, with signed offsets."""
+    """compressed-tensors ``pack-quantized`` (layout in :mod:`.compressed_tensors`)."""
 
     name = "compressed-tensors"
 
-    def convert(self, tensors: dict, config: dict, in_model: dict[str, str]) -> tuple[dict, dict]:
+    def convert(self, tensors: dict, config: dict, in_model: dict[str, str],
+                in_features: dict[str, int]) -> tuple[dict, dict]:
         """``in_model``: ``{Hub name: name in the transformers model}`` where they differ; targets
         name both, for transformers (which matches loaded modules) and vLLM (Hub names)."""
-        qconfig = config["quantization_config"]
-        fmt = _single_format(qconfig, "compressed-tensors (one config group)")
-        bits, group_size, sym = fmt["bits"], fmt["group_size"], fmt["sym"]
-        if fmt.get("act_order"):
-            raise ExportError(
-                "this model stores act-order group indices (g_idx), which compressed-tensors no longer reads "
-                "(actorder 'group' was removed): quantize with act_order: true and static_groups: true, "
-                "which keeps groups in natural order, or export to gptq"
-            )
-        modules = [name for g in _groups(qconfig) for name in g["modules"]]
-        scale_dtype = getattr(torch, config.get("dtype") or "float32")
-        out = {k: v for k, v in tensors.items()
-               if not any(k.startswith(f"{name}.") for name in modules)}
-        for name in modules:
-            qweight = tensors[f"{name}.qweight"]
-            n = qweight.shape[1]
-            k = _in_features(tensors, name, fmt)
-            if group_size != -1 and k % group_size:
-                raise ExportError(
-                    f"{name}: in_features {k} is not a multiple of group_size {group_size} (a short last group); "
-                    "compressed-tensors computes in_features as groups x group_size and cannot hold it: "
-                    "quantize with a group size that divides every layer (e.g. 64 for SmolLM2)"
-                )
-            out[f"{name}.weight_packed"] = qweight.t().contiguous()
-            out[f"{name}.weight_scale"] = tensors[f"{name}.scales"].to(scale_dtype).t().contiguous()
-            out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
-            if not sym:
-                # [G, ceil(N*b/32)] packed along N -> [ceil(N*b/32), G], same offset convention.
-                out[f"{name}.weight_zero_point"] = tensors[f"{name}.qzeros"].t().contiguous()
-            if f"{name}.bias" in tensors:
-                out[f"{name}.bias"] = tensors[f"{name}.bias"]
-        weights = {
-            "num_bits": bits,
-            "type": "int",
-            "symmetric": bool(sym),
-            "strategy": "channel" if group_size == -1 else "group",
-            "group_size": None if group_size == -1 else group_size,
-            "dynamic": False,
-            "actorder": None,
-            "observer": "minmax",
-            "observer_kwargs": {},
-            "block_structure": None,
-        }
-        ct_config = {
-            "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
-            "quantization_status": "compressed",
-            # Targets by exact module name, so that linears we left in float (lm_head, ignored
-            # layers) stay out without listing them.
-            "config_groups": {"group_0": {"targets": [f"re:^{re.escape(m)}$" for m in modules] +
-                                                     [f"re:^{re.escape(in_model[m])}$" for m in modules if m in in_model],
-                                          "weights": weights,
-                                          "input_activations": None, "output_activations": None,
-                                          "format": "pack-quantized"}},
-            "ignore": [],
-            "kv_cache_scheme": None,
-            "sparsity_config": {},
-            "transform_config": {},
-            "global_compression_ratio": None,
-        }
-        return out, ct_config
+        groups = []
+        out = dict(tensors)
+        model_dtype = getattr(torch, config.get("dtype") or "", None)
+        for group in _groups(config["quantization_config"]):
+            fmt = {k: v for k, v in group.items() if k != "modules"}
+            for name in group["modules"]:
+                k = _in_features(tensors, name, fmt["bits"], in_features)
+                reason = compressed_tensors.refusal(fmt, k, name)
+                if reason:
+                    raise ExportError(reason)
+                for key in [key for key in out if key.startswith(f"{name}.")]:
+                    del out[key]
+                out.update(compressed_tensors.to_pack_quantized(tensors, name, fmt, k, model_dtype))
+            groups.append((fmt, group["modules"]))
+        return out, compressed_tensors.quantization_config(groups, in_model)
 
 
 EXPORTERS = {cls.name: cls for cls in (GPTQv1Exporter, CompressedTensorsExporter)}
@@ -200,9 +164,6 @@ def _expand_shared(tensors: dict, config: dict) -> dict:
     config's ``tie_word_embeddings`` says it and every reader honours it)."""
     qconfig = config["quantization_config"]
     shared = qconfig.get("shared") or {}
-    if shared.get("lora"):
-        raise ExportError("this model shares layers with per-layer low-rank corrections (lora_rank), which GPTQ and "
-                          "compressed-tensors readers cannot run; share with lora_rank: 0 to export")
     users = shared.get("modules") or {}
     if not users:
         return tensors
@@ -257,22 +218,25 @@ def _split_columns(tensors: dict, name: str, parts: list[str], bits: int) -> dic
     return out
 
 
-def _hub_layout(folder: Path, tensors: dict, config: dict) -> tuple[dict, dict[str, str]]:
+def _hub_layout(folder: Path, tensors: dict, config: dict, split_experts: bool = True) -> tuple[dict, dict, dict]:
     """The quantized modules under their original Hub names (see the module doc); the config's
     module lists follow. Also returns ``{Hub name: name in the transformers model}`` where the two
     differ (Gemma 3's ``language_model.model`` is ``model.language_model`` once loaded), so that
-    targets can name both. Quantized embedding tables are refused: neither format has them."""
+    targets can name both, and each quantized module's true ``in_features`` (from the model,
+    built empty). Quantized embedding tables are refused: neither format has them; so are experts
+    that would need splitting unless ``split_experts``."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter
 
     qconfig = config["quantization_config"]
     model = skeleton(folder, config)
     if model is None:
-        return tensors, {}
+        return tensors, {}, {}
     file_name = loaded_names(model, tensors, packed_modules(config))  # {name in the model: name in the file}
     converters = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)]
     out = dict(tensors)
     in_model: dict[str, str] = {}
+    in_features: dict[str, int] = {}
     for group in _groups(qconfig):
         hub_modules = []
         for name in group["modules"]:
@@ -281,10 +245,15 @@ def _hub_layout(folder: Path, tensors: dict, config: dict) -> tuple[dict, dict[s
                 raise ExportError(
                     f"{name}: GPTQ v1 and compressed-tensors have no quantized embedding table; quantize without "
                     "the embeddings option to export (the hfcompress folder keeps it and reloads with hfcompress)")
+            if name.endswith(PACKED_SUFFIX):
+                raise ExportError(f"{name}: packed as a raw tensor the model multiplies itself (not a linear layer), "
+                                  "which GPTQ and compressed-tensors readers have no layout for")
             stored = file_name.get(f"{name}.qweight", f"{name}.qweight").removesuffix(".qweight")
             match = _EXPERT.match(stored)
             if match is None:
                 hub_modules.append(stored)
+                if hasattr(module, "in_features"):
+                    in_features[stored] = module.in_features
                 if stored != name:
                     in_model[stored] = name
                 continue
@@ -294,6 +263,9 @@ def _hub_layout(folder: Path, tensors: dict, config: dict) -> tuple[dict, dict[s
                     f"{stored}: {config.get('model_type')} checkpoints store their experts as one fused tensor, not one "
                     "linear per expert, so GPTQ and compressed-tensors readers have no names for quantized experts; "
                     "keep the hfcompress folder (it reloads with hfcompress), or quantize with the experts in float")
+            if not split_experts and sources != [match["leaf"]]:
+                raise ExportError(f"{stored}: the Hub layout splits these experts into {', '.join(sources)}, which "
+                                  "hfcompress does not read back; `hfcompress export` writes that layout for other readers")
             parts = [f"{match['stack']}.{match['index']}.{leaf}" for leaf in sources]
             for key in [k for k in out if k.startswith(stored + ".")]:
                 del out[key]
@@ -306,7 +278,7 @@ def _hub_layout(folder: Path, tensors: dict, config: dict) -> tuple[dict, dict[s
         shared["modules"] = {file_name.get(f"{u}.qweight", f"{u}.qweight").removesuffix(".qweight"):
                              file_name.get(f"{o}.qweight", f"{o}.qweight").removesuffix(".qweight")
                              for u, o in shared["modules"].items()}
-    return out, in_model
+    return out, in_model, in_features
 
 
 def _has_module(model: torch.nn.Module, name: str) -> bool:
@@ -317,36 +289,96 @@ def _has_module(model: torch.nn.Module, name: str) -> bool:
     return True
 
 
+def convert_folder(folder: Path, fmt: str, config: dict, tensors: dict, for_hfcompress: bool = False) -> tuple[dict, dict]:
+    """``(tensors, config.json dict)`` of the hfcompress model ``folder`` (its native ``config``
+    and ``tensors``) in format ``fmt``. ``for_hfcompress``: a save that hfcompress itself reads
+    back bit for bit (no expert splitting, no copies of shared layers); the record of what was
+    done then rides along under the config's ``hfcompress`` key."""
+    config = copy.deepcopy(config)
+    record = copy.deepcopy(config["quantization_config"])
+    if (record.get("shared") or {}).get("lora"):
+        raise ExportError("this model shares layers with per-layer low-rank corrections (lora_rank), which GPTQ and "
+                          "compressed-tensors readers cannot run; share with lora_rank: 0 to export")
+    if for_hfcompress and (record.get("shared") or {}).get("modules"):
+        raise ExportError("compressed-tensors cannot store layers that share weights once; hfcompress's native "
+                          "format does (`hfcompress export` writes a copy per layer for other readers)")
+    if for_hfcompress and record.get("pruned"):
+        raise ExportError("layers pruned to different sizes need hfcompress to rebuild them")
+    tensors, in_model, in_features = _hub_layout(folder, tensors, config, split_experts=not for_hfcompress)
+    tensors = _expand_shared(tensors, config)
+    tensors, config["quantization_config"] = EXPORTERS[fmt]().convert(tensors, config, in_model, in_features)
+    config.pop(RECORD_KEY, None)
+    if for_hfcompress:
+        config[RECORD_KEY] = {**record, "storage": fmt}
+    return tensors, config
+
+
+def accepting_formats(folder: Path, config: dict, tensors: dict) -> dict[str, str | None]:
+    """``{format: None if it can hold the model, else why not}`` for every export format."""
+    verdicts = {}
+    for name in EXPORTERS:
+        try:
+            convert_folder(folder, name, config, tensors)
+            verdicts[name] = None
+        except ExportError as err:
+            verdicts[name] = str(err)
+    return verdicts
+
+
 def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Export the hfcompress folder ``folder`` to ``fmt`` in ``output`` (atomically)."""
     if fmt not in EXPORTERS:
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORTERS)}")
     folder, output = Path(folder), Path(output)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; not a saved model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if (config.get("quantization_config") or {}).get("quant_method") != "hfcompress":
-        raise ExportError(f"{folder} was not saved by hfcompress (no quant_method 'hfcompress' in config.json)")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite to replace it")
-    files = sorted(folder.glob("*.safetensors"))
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(file))
-    tensors, in_model = _hub_layout(folder, tensors, config)
-    tensors = _expand_shared(tensors, config)
-    tensors, quantization_config = EXPORTERS[fmt]().convert(tensors, config, in_model)
-    config["quantization_config"] = quantization_config
+    config, tensors = read_native(folder)
+    record = config["quantization_config"]  # what hfcompress did, for the card
+    try:
+        tensors, config = convert_folder(folder, fmt, config, tensors)
+    except ExportError as err:
+        others = [name for name, why in accepting_formats(folder, *read_native(folder)).items()
+                  if why is None and name != fmt]
+        advice = (f"export to {' or '.join(others)} instead" if others else
+                  "no export format holds this model: keep the hfcompress folder, which loads with `import hfcompress`")
+        raise ExportError(f"{err}; {advice}") from None
+    write_folder(folder, output, tensors, config, record)
+    logger.info("exported %s to %s (%s)", folder, output, fmt)
+    return output
+
+
+def write_tensors(directory: Path, tensors: dict, max_shard_size: int | str = "5GB") -> None:
+    """Write ``tensors`` as (sharded) safetensors in ``directory``, replacing what was there."""
+    from huggingface_hub import save_torch_state_dict
+
+    for old in list(directory.glob("*.safetensors")) + list(directory.glob("*.safetensors.index.json")):
+        old.unlink()
+    save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, directory,
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})
+    for path in directory.glob("*.safetensors"):
+        sort_metadata_in_place(path)  # the same model saves to the same bytes
+
+
+def write_config(directory: Path, config: dict) -> None:
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_folder(source: Path, output: Path, tensors: dict, config: dict, record: dict) -> None:
+    """``output`` holding ``tensors`` and ``config``, the other files of ``source`` (tokenizer,
+    generation config ...) and a model card for its format (from ``record``, what hfcompress did),
+    written to a temporary folder renamed at the end."""
+    from ..card import write_folder_card
+
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        for item in folder.iterdir():  # tokenizer, generation config, chat template, card ...
-            if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json",):
+        for item in source.iterdir():
+            if item.is_file() and not item.name.endswith((".safetensors", ".safetensors.index.json")) \
+                    and item.name not in ("config.json", "README.md"):
                 shutil.copy2(item, staging / item.name)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "model.safetensors",
-                  metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_tensors(staging, tensors)
+        write_config(staging, config)
+        write_folder_card(staging, record=record)
         staging.chmod(0o755)
         if output.exists():
             shutil.rmtree(output)
@@ -354,5 +386,3 @@ def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("exported %s to %s (%s)", folder, output, fmt)
-    return output

@@ -1,16 +1,22 @@
 """The three small wrappers that ``import hfcompress`` installs on ``PreTrainedModel``.
 
 transformers rejects unknown ``from_pretrained`` arguments and has no hook for extra files at
-save time, so the plugin wraps three methods, each of which only delegates:
+save time, so the plugin wraps these methods, each of which only delegates:
 
 - ``from_pretrained(..., compression=recipe)`` becomes
   ``from_pretrained(..., quantization_config=CompressionConfig(recipe))``. A GGUF file cannot be
   combined with a second quantizer inside transformers, so there the model loads first and
   :func:`hfcompress.compress` runs after.
-- ``save_pretrained`` also writes a model card (``README.md``) for compressed models, and sorts
-  the safetensors metadata so that the same model always saves to the same bytes.
+- ``save_pretrained`` also writes a model card (``README.md``) for models hfcompress compressed
+  (also those that save as plain checkpoints), and sorts the safetensors metadata of compressed
+  ones so that the same model always saves to the same bytes.
 - ``push_to_hub`` uploads what ``save_pretrained`` wrote, card included (transformers' own would
   replace the card with a blank template).
+- ``save_pretrained(..., save_format="auto"|"native"|"compressed-tensors")`` picks the format of
+  a compressed model (:mod:`hfcompress.formats.save`); and every ``config.json`` transformers
+  reads passes through :func:`hfcompress.formats.folder.read_config_dict`, which removes the mark
+  that makes a native folder fail loudly without hfcompress and lets hfcompress read its own
+  compressed-tensors folders bit for bit.
 
 Models that hfcompress did not compress take the original code paths unchanged.
 """
@@ -21,7 +27,7 @@ import functools
 import logging
 import tempfile
 
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..config import CompressionConfig
 
@@ -56,7 +62,10 @@ def _from_pretrained(original, cls, *args, compression=None, **kwargs):
     return original(cls, *args, **kwargs)
 
 
-def _save_pretrained(original, self, save_directory, *args, **kwargs):
+def _save_pretrained(original, self, save_directory, *args, save_format="auto", **kwargs):
+    from ..formats.save import check_save_format
+
+    kwargs["save_format"] = check_save_format(save_format)
     modules = getattr(getattr(self.config, "quantization_config", None), "modules", None) if is_compressed(self) else None
     if not modules:
         return _save_and_finish(original, self, save_directory, *args, **kwargs)
@@ -74,22 +83,32 @@ def _save_pretrained(original, self, save_directory, *args, **kwargs):
             self._weight_conversions = before
 
 
-def _save_and_finish(original, self, save_directory, *args, **kwargs):
+def _has_record(model) -> bool:
+    """Whether hfcompress compressed ``model``, also when it saves as a plain checkpoint."""
+    return is_compressed(model) or getattr(model, "hfcompress_config", None) is not None
+
+
+def _save_and_finish(original, self, save_directory, *args, save_format="auto", **kwargs):
     result = original(self, save_directory, *args, **kwargs)
     if is_compressed(self) and kwargs.get("is_main_process", True):
         from pathlib import Path
 
-        from ..card import write_model_card
         from ..formats.checkpoint import sort_metadata_in_place
+        from ..formats.save import finish_save
 
         for path in Path(save_directory).glob("*.safetensors"):
             sort_metadata_in_place(path)  # the same model saves to the same bytes
-        write_model_card(self, save_directory)
+        self.hfcompress_saved_format = finish_save(save_directory, save_format,
+                                                   kwargs.get("max_shard_size", "5GB"))
+    if _has_record(self) and kwargs.get("is_main_process", True):
+        from ..card import write_model_card
+
+        write_model_card(self, save_directory)  # plain checkpoints of compressed models get one too
     return result
 
 
 def _push_to_hub(original, self, repo_id, *args, **kwargs):
-    if not is_compressed(self):
+    if not _has_record(self):
         return original(self, repo_id, *args, **kwargs)
     return _push_compressed(self, repo_id, **kwargs)
 
@@ -104,6 +123,9 @@ def _push_compressed(self, repo_id, *, commit_message=None, commit_description=N
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         self.save_pretrained(folder, max_shard_size=max_shard_size)
+        from ..card import write_model_card
+
+        write_model_card(self, folder, repo_id=repo_id)  # the card names the repository
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -114,8 +136,14 @@ def _push_compressed(self, repo_id, *, commit_message=None, commit_description=N
         )
 
 
-def _wrap(name: str, wrapper, as_classmethod: bool = False) -> None:
-    original = getattr(PreTrainedModel, name)
+def _read_config_file(original, cls, json_file):
+    from ..formats.folder import read_config_dict
+
+    return read_config_dict(original(cls, json_file))
+
+
+def _wrap(name: str, wrapper, as_classmethod: bool = False, owner=PreTrainedModel) -> None:
+    original = getattr(owner, name)
     original = original.__func__ if as_classmethod else original
     _ORIGINALS[name] = original
 
@@ -123,7 +151,7 @@ def _wrap(name: str, wrapper, as_classmethod: bool = False) -> None:
     def method(self_or_cls, *args, **kwargs):
         return wrapper(original, self_or_cls, *args, **kwargs)
 
-    setattr(PreTrainedModel, name, classmethod(method) if as_classmethod else method)
+    setattr(owner, name, classmethod(method) if as_classmethod else method)
 
 
 def install() -> None:
@@ -133,3 +161,4 @@ def install() -> None:
     _wrap("from_pretrained", _from_pretrained, as_classmethod=True)
     _wrap("save_pretrained", _save_pretrained)
     _wrap("push_to_hub", _push_to_hub)
+    _wrap("_dict_from_json_file", _read_config_file, as_classmethod=True, owner=PreTrainedConfig)

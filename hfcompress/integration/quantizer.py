@@ -3,7 +3,9 @@
 - loading a float checkpoint with ``quantization_config=CompressionConfig(recipe)``: the weights
   load as usual, then :func:`hfcompress.compress` runs the recipe;
 - loading a checkpoint saved by hfcompress: pruned per-layer shapes, relaxed-sharing wrappers and
-  the packed modules are rebuilt on the meta device before the weights load, after the
+  the packed modules are rebuilt on the meta device before the weights load (with the
+  compressed-tensors buffers in place of ours for a compressed-tensors save, turned into ours
+  once loaded), after the
   checkpoint files are checked for truncation and for the tensors the config promises; layers
   that share weights are pointed at their owner's modules once the weights are in.
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 from transformers.quantizers.base import HfQuantizer
 
-from ..config import FORMAT_VERSION, CompressionConfig
+from ..config import FORMAT_VERSION, QUANT_METHOD, CompressionConfig
+from ..formats import compressed_tensors
 from ..formats.checkpoint import check_quantized_checkpoint, packed_conversions
 from ..pruning.stage import rebuild_pruned_structure
 from ..quantization.stage import rebuild_quantized_modules
@@ -48,6 +51,9 @@ class CompressionQuantizer(HfQuantizer):
             rebuild_pruned_structure(model, self.quantization_config)
             rebuild_shared_structure(model, self.quantization_config.shared)
             rebuild_quantized_modules(model, self.quantization_config)
+            if self.quantization_config.storage == "compressed-tensors":
+                for name in self.quantization_config.modules:
+                    compressed_tensors.expect_pack_quantized(model.get_submodule(name))
             _drop_packed_ties(model)
             if checkpoint_files:
                 check_quantized_checkpoint(checkpoint_files, model, self.quantization_config)
@@ -59,6 +65,10 @@ class CompressionQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
+            if self.quantization_config.storage == "compressed-tensors":
+                for name in self.quantization_config.modules:
+                    compressed_tensors.restore_native(model.get_submodule(name))
+                self.quantization_config.storage = QUANT_METHOD  # in memory it is ours now, and saves as chosen then
             tie_shared_modules(model, self.quantization_config.shared)  # the users' tensors were not in the file
         else:
             from ..pipeline import compress

@@ -2,8 +2,8 @@
 
     import evaluate, hfcompress.metrics
     metric = evaluate.load(hfcompress.metrics.metric_path("perplexity"))
-    metric.compute(predictions=[text], model_id="path/to/model", seq_len=2048)
-    # {'perplexity': ..., 'nll': ..., 'tokens': ..., 'windows': ...}
+    metric.compute(predictions=texts, model_id="path/to/model", seq_len=2048)  # or model=model, tokenizer=tokenizer
+    # {'perplexities': [...], 'mean_perplexity': ..., 'perplexity': ..., 'nll': ..., 'tokens': ..., 'windows': ...}
 """
 
 import os

@@ -155,7 +155,11 @@ class QuantLinear(nn.Module):
 
         transformers' initializers touch ``.weight`` of known submodules (GPT-2 rescales
         ``c_proj.weight``); the forward pass never uses this, and writing to it changes nothing.
+        While a compressed-tensors checkpoint loads into the module (``formats/compressed_tensors``)
+        there is nothing to dequantize yet: an empty tensor of the weight's shape stands in.
         """
+        if "qweight" not in self._buffers:
+            return torch.empty(self.out_features, self.in_features, device=self.weight_packed.device)
         return self.dequantize_weight()
 
     def prepare_kernel(self, device: torch.device | None = None) -> dispatch.Kernel | None:
