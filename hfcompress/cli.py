@@ -22,7 +22,7 @@ from .errors import UserError
 
 logger = logging.getLogger("hfcompress")
 
-DEFAULT_RECIPE = "w4-rtn"
+DEFAULT_RECIPE = "w4g64-rtn"
 SAVE_FORMATS = ("auto", "native", "compressed-tensors")  # as hfcompress.formats.save, without importing torch
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -127,13 +127,79 @@ def _float_bytes(model) -> int:
     return total
 
 
+def _source_size(source) -> tuple[int | None, str]:
+    """Bytes of the checkpoint files the model was loaded from, and what they are."""
+    root = Path(source.path)
+    if source.gguf_file:
+        from gguf import GGUFReader, LlamaFileType
+
+        path = root / source.gguf_file
+        field = GGUFReader(path).fields.get("general.file_type")
+        kind = LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_") if field is not None else "?"
+        return path.stat().st_size, f"GGUF {kind}"
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in root.glob(pattern)] if root.is_dir() else []
+    return (sum(f.stat().st_size for f in files) or None), "checkpoint files"
+
+
+READERS = {
+    "compressed-tensors": "loads in stock transformers (with the compressed-tensors package), vLLM, SGLang and hfcompress",
+    "native": "hfcompress's own format: loads only where hfcompress is imported (see the log for why)",
+    None: "a plain transformers checkpoint: loads anywhere",
+}
+
+
+def _print_summary(model, output: Path, source, size_before: int, args, before, after, data_name) -> None:
+    from .report import format_bytes, summarize_folder
+
+    summary = summarize_folder(output)
+    fmt = getattr(model, "hfcompress_saved_format", None)
+    file_bytes, kind = _source_size(source)
+    baseline = (f"{format_bytes(file_bytes)} on disk ({kind}; {format_bytes(size_before)} as loaded in {args.dtype})"
+                if file_bytes else f"{format_bytes(size_before)} as loaded in {args.dtype}")
+    print(f"format:     {fmt or 'plain'}: {READERS[fmt]}")
+    print(f"size:       {baseline} -> {format_bytes(summary['folder_bytes'])} on disk "
+          f"({summary['bits_per_weight']:.2f} bits per weight)")
+    if after is not None:
+        note = f"; the baseline is the {kind} file dequantized, not the original float model" if source.gguf_file else ""
+        print(f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} on {data_name} "
+              f"({after.windows} windows of {after.seq_len} tokens){note}")
+    where = str(output)
+    load = ("import hfcompress; " if fmt == "native" else "") + \
+        f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{where}')"
+    print(f"saved:      {output.resolve()}")
+    print("next:")
+    print(f"  load:     python -c \"{load}\"")
+    print(f"  evaluate: hfcompress eval {where} --data wikitext2")
+    print(f"  inspect:  hfcompress inspect {where}")
+    print(f"  export:   hfcompress export {where} --format gptq --output {where}-gptq")
+    if fmt != "native":
+        print(f"  serve:    vllm serve {where}   (GPU; README: Formats and serving)")
+
+
+def _announce_calibration(model, recipe, device) -> None:
+    """Say before a calibrated stage starts how long it will take here (it can be long on a CPU)."""
+    import torch
+
+    from .calibration import estimate_calibration_seconds
+    from .recipe import CalibrationConfig
+
+    if not any(stage.needs_calibration for stage in recipe.stages):
+        return
+    calibration = recipe.calibration or CalibrationConfig()
+    dtype = getattr(torch, calibration.dtype) if calibration.dtype else None
+    window, total = estimate_calibration_seconds(model, calibration.samples, calibration.seq_len, dtype,
+                                                 torch.device(device) if device else None)
+    logger.info("calibrating on %d windows of %d tokens: about %d minutes on this machine (one window's forward "
+                "took %.1f s); --recipe w4g64-rtn takes about a minute, with a larger perplexity loss",
+                calibration.samples, calibration.seq_len, max(1, round(total / 60)), window)
+
+
 def run_compress(args) -> int:
     from . import compress
     from .data import check_text_source, describe_text_source
     from .evaluation import evaluate_perplexity
     from .io import check_output, load_model, load_processor, read_license, save_compressed
     from .recipe import Recipe
-    from .report import format_bytes, summarize_folder
 
     recipe = Recipe.load(args.recipe)  # validate before the slow steps
     output = Path(args.output) if args.output else _default_output(args.model, args.recipe)
@@ -150,6 +216,7 @@ def run_compress(args) -> int:
         raise UserError("perplexity needs a tokenizer and none was found with the model: pass --no-eval")
     size_before = _float_bytes(model)
     before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
+    _announce_calibration(model, recipe, args.device)
     compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
              device=args.device)
     config = model.hfcompress_config
@@ -166,13 +233,8 @@ def run_compress(args) -> int:
     save_compressed(model, output, tokenizer, overwrite=args.overwrite, processor=processor,
                     save_format=args.save_format)
     shutil.rmtree(resume_dir, ignore_errors=True)
-    summary = summarize_folder(output)
-    print(f"format:     {getattr(model, 'hfcompress_saved_format', None) or 'plain transformers checkpoint'}")
-    print(f"size:       {format_bytes(size_before)} ({args.dtype}) -> {format_bytes(summary['tensor_bytes'])} "
-          f"({summary['bits_per_weight']:.2f} bits per weight)")
-    if after is not None:
-        print(f"perplexity: {before.perplexity:.3f} -> {after.perplexity:.3f} "
-              f"({after.windows} windows of {after.seq_len} tokens of {Path(str(data)).name})")
+    _print_summary(model, output, source, size_before, args, before, after,
+                   describe_text_source(data, split=args.split, config_name=args.config_name) if data else None)
     return 0
 
 

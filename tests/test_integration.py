@@ -45,6 +45,53 @@ def test_compression_and_quantization_config_together_is_an_error(tiny_llama_dir
                                              quantization_config=CompressionConfig(recipe=W4G64))
 
 
+def write_tiny_gguf(path, hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=300):
+    """A tiny random Llama as a float32 GGUF file (no tokenizer: the model loads without one)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd": (vocab, hidden), "output_norm": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.ffn_norm": (hidden,),
+                       f"blk.{i}.attn_q": (hidden, hidden), f"blk.{i}.attn_k": (kv, hidden),
+                       f"blk.{i}.attn_v": (kv, hidden), f"blk.{i}.attn_output": (hidden, hidden),
+                       f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden),
+                       f"blk.{i}.ffn_down": (hidden, ffn)})
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.05
+        writer.add_tensor(f"{name}.weight", values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_quantization_config_on_a_gguf_file_loads_then_compresses(tmp_path):
+    # transformers refuses a quantizer on a GGUF file; the plugin loads it in float, then compresses.
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    config = CompressionConfig(recipe=W4G64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", quantization_config=config)
+    assert isinstance(model.model.layers[1].mlp.up_proj, QuantLinear)
+    assert model.config.quantization_config.recipe == hfcompress.Recipe.load(W4G64)
+    same = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", compression=W4G64)
+    assert torch.equal(logits(model, IDS), logits(same, IDS))
+    with pytest.raises(ValueError, match="either compression= or quantization_config="):
+        AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", compression=W4G64,
+                                             quantization_config=CompressionConfig(recipe=W4G64))
+
+
 def test_bad_recipe_fails_before_loading(tiny_llama_dir):
     with pytest.raises(hfcompress.RecipeError, match="bits: 6"):
         AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression={"stages": [{"quantize": {"bits": 6}}]})

@@ -5,8 +5,8 @@ save time, so the plugin wraps these methods, each of which only delegates:
 
 - ``from_pretrained(..., compression=recipe)`` becomes
   ``from_pretrained(..., quantization_config=CompressionConfig(recipe))``. A GGUF file cannot be
-  combined with a second quantizer inside transformers, so there the model loads first and
-  :func:`hfcompress.compress` runs after.
+  combined with a second quantizer inside transformers, so there (with either argument) the model
+  loads first and :func:`hfcompress.compress` runs after.
 - ``save_pretrained`` also writes a model card (``README.md``) for models hfcompress compressed
   (also those that save as plain checkpoints), and sorts the safetensors metadata of compressed
   ones so that the same model always saves to the same bytes.
@@ -42,24 +42,31 @@ def is_compressed(model) -> bool:
 
 
 def _from_pretrained(original, cls, *args, compression=None, **kwargs):
-    if compression is None:
-        return original(cls, *args, **kwargs)
-    if kwargs.get("quantization_config") is not None:
+    config = kwargs.get("quantization_config")
+    if compression is not None and config is not None:
         raise ValueError("pass either compression= or quantization_config=, not both")
-    if kwargs.get("gguf_file"):
-        from transformers import AutoTokenizer
-
-        from ..pipeline import compress
-        from ..recipe import Recipe
-
-        recipe = Recipe.load(compression)
-        model = original(cls, *args, **kwargs)
-        tokenizer = None
-        if any(stage.needs_calibration for stage in recipe.stages):
-            tokenizer = AutoTokenizer.from_pretrained(args[0], gguf_file=kwargs["gguf_file"])
-        return compress(model, recipe, tokenizer=tokenizer)
-    kwargs["quantization_config"] = CompressionConfig(recipe=compression)
+    if kwargs.get("gguf_file") and (compression is not None or isinstance(config, CompressionConfig)):
+        kwargs.pop("quantization_config", None)
+        config = CompressionConfig(recipe=compression) if compression is not None else config
+        return _load_gguf_then_compress(original, cls, args, kwargs, config)
+    if compression is not None:
+        kwargs["quantization_config"] = CompressionConfig(recipe=compression)
     return original(cls, *args, **kwargs)
+
+
+def _load_gguf_then_compress(original, cls, args, kwargs, config: CompressionConfig):
+    """transformers refuses a quantizer on a GGUF file: load it in float, then compress."""
+    from transformers import AutoTokenizer
+
+    from ..pipeline import compress
+
+    if config.recipe is None:
+        raise ValueError("CompressionConfig has no recipe to apply to this GGUF file: pass CompressionConfig(recipe=...)")
+    model = original(cls, *args, **kwargs)
+    tokenizer = None
+    if any(stage.needs_calibration for stage in config.recipe.stages):
+        tokenizer = AutoTokenizer.from_pretrained(args[0], gguf_file=kwargs["gguf_file"])
+    return compress(model, config.recipe, tokenizer=tokenizer, config=config)
 
 
 def _save_pretrained(original, self, save_directory, *args, save_format="auto", **kwargs):
