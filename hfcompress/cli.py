@@ -131,11 +131,13 @@ def _source_size(source) -> tuple[int | None, str]:
     """Bytes of the checkpoint files the model was loaded from, and what they are."""
     root = Path(source.path)
     if source.gguf_file:
-        from gguf import GGUFReader, LlamaFileType
+        from gguf import LlamaFileType
+
+        from .io import gguf_metadata
 
         path = root / source.gguf_file
-        field = GGUFReader(path).fields.get("general.file_type")
-        kind = LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_") if field is not None else "?"
+        file_type = gguf_metadata(path).get("general.file_type")
+        kind = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "?"
         return path.stat().st_size, f"GGUF {kind}"
     files = [f for pattern in ("*.safetensors", "*.bin") for f in root.glob(pattern)] if root.is_dir() else []
     return (sum(f.stat().st_size for f in files) or None), "checkpoint files"

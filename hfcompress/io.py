@@ -8,6 +8,7 @@ and renamed when complete, so an interrupted save never leaves a half-written mo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -161,6 +162,15 @@ def load_model(
     return model, tokenizer, resolved
 
 
+@functools.lru_cache(maxsize=4)
+def gguf_metadata(path: str | os.PathLike) -> dict:
+    """The key/value metadata of a GGUF file (reading it parses every tensor header: done once)."""
+    from gguf import GGUFReader
+
+    return {key: field.contents() for key, field in GGUFReader(path).fields.items()
+            if not key.startswith("tokenizer.")}  # the vocabulary: large, and nobody here reads it
+
+
 def read_license(source: ModelSource, online: bool = True) -> str | None:
     """The license the source model declares, as the Hub spells it (``apache-2.0``), or None.
 
@@ -175,10 +185,8 @@ def read_license(source: ModelSource, online: bool = True) -> str | None:
     from huggingface_hub.errors import EntryNotFoundError
 
     if source.gguf_file:
-        from gguf import GGUFReader
-
-        field = GGUFReader(Path(source.path) / source.gguf_file).fields.get("general.license")
-        return str(field.contents()) if field is not None else None
+        value = gguf_metadata(Path(source.path) / source.gguf_file).get("general.license")
+        return str(value) if value is not None else None
     card_path = Path(source.path) / "README.md"
     if card_path.is_file():
         card = ModelCard.load(card_path, ignore_metadata_errors=True)

@@ -332,12 +332,12 @@ def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike,
     folder, output = Path(folder), Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite to replace it")
-    config, tensors = read_native(folder)
-    record = config["quantization_config"]  # what hfcompress did, for the card
+    native_config, native_tensors = read_native(folder)
+    record = native_config["quantization_config"]  # what hfcompress did, for the card
     try:
-        tensors, config = convert_folder(folder, fmt, config, tensors)
-    except ExportError as err:
-        others = [name for name, why in accepting_formats(folder, *read_native(folder)).items()
+        tensors, config = convert_folder(folder, fmt, native_config, native_tensors)
+    except ExportError as err:  # convert_folder leaves its inputs as they were: try the others on them
+        others = [name for name, why in accepting_formats(folder, native_config, native_tensors).items()
                   if why is None and name != fmt]
         advice = (f"export to {' or '.join(others)} instead" if others else
                   "no export format holds this model: keep the hfcompress folder, which loads with `import hfcompress`")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .export import ExportError, convert_folder, write_config, write_tensors
+from .checkpoint import sort_metadata_in_place
 from .folder import mark_native, read_native
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def finish_save(directory: str | os.PathLike, save_format: str = "auto", max_sha
         elif save_format == "compressed-tensors":
             raise ExportError("save_format='compressed-tensors': nothing is quantized; the other changes need "
                               "hfcompress's native format")
+    for path in directory.glob("*.safetensors"):
+        sort_metadata_in_place(path)  # the same model saves to the same bytes (write_tensors does it above)
     path = directory / "config.json"
     write_config(directory, mark_native(json.loads(path.read_text(encoding="utf-8"))))
     return "native"

@@ -100,11 +100,8 @@ def _save_and_finish(original, self, save_directory, *args, save_format="auto", 
     if is_compressed(self) and kwargs.get("is_main_process", True):
         from pathlib import Path
 
-        from ..formats.checkpoint import sort_metadata_in_place
         from ..formats.save import finish_save
 
-        for path in Path(save_directory).glob("*.safetensors"):
-            sort_metadata_in_place(path)  # the same model saves to the same bytes
         self.hfcompress_saved_format = finish_save(save_directory, save_format,
                                                    kwargs.get("max_shard_size", "5GB"))
     if _has_record(self) and kwargs.get("is_main_process", True):
