@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import CalibrationError, DataError
 from .evaluation import tokenize
+from .precision import float32_block, float32_forward
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +117,13 @@ class BlockInputs:
     def __len__(self) -> int:
         return len(self.calls) if self.calls is not None else self.hidden.shape[0]
 
-    def call(self, i: int, device: torch.device) -> tuple[tuple, dict]:
+    def call(self, i: int, device: torch.device, dtype: torch.dtype | None = None) -> tuple[tuple, dict]:
+        """Window ``i``'s call on ``device``; with ``dtype``, its floating-point tensors in that dtype."""
         if self.calls is not None:
             args, kwargs = self.calls[i]
-            return _to(args, device), {k: _to(v, device) for k, v in kwargs.items()}
-        x = self.hidden[i : i + 1].to(device)
-        return (x, *_to(self.args, device)), {k: _to(v, device) for k, v in self.kwargs.items()}
+            return _to(args, device, dtype), {k: _to(v, device, dtype) for k, v in kwargs.items()}
+        x = _to(self.hidden[i : i + 1], device, dtype)
+        return (x, *_to(self.args, device, dtype)), {k: _to(v, device, dtype) for k, v in self.kwargs.items()}
 
     def head(self, n: int = 1) -> BlockInputs:
         """The first ``n`` windows."""
@@ -131,32 +133,49 @@ class BlockInputs:
 
 
 def compute_context(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` for calibration forwards (``None``: the model's own precision)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    """Autocast to ``dtype`` for calibration forwards (``None``, float32: none; autocast cannot raise
+    precision, :func:`float32_block` does)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # A calibrated stage runs each window through every block about twice (once to collect the
 # statistics, once more for the next block's inputs), plus hooks, Hessian products and the
-# solver: measured, GPTQ w4g64 on SmolLM2 with 4 windows of 2048 tokens took 1801 s where one
-# window's forward took 95.3 s (2-core CPU, bf16 autocast), 4.7 forwards per window.
-PASSES_PER_WINDOW = 4.7
+# solver. Measured, GPTQ w4g64 on SmolLM2 (2-core CPU, float32 compute): 32 windows of 2048
+# tokens took 2.55 block forwards per window and block.
+PASSES_PER_WINDOW = 2.55
 
 
 @torch.no_grad()
 def estimate_calibration_seconds(model: nn.Module, samples: int, seq_len: int, dtype: torch.dtype | None,
                                  device: torch.device | None = None) -> tuple[float, float]:
-    """``(seconds of one window's forward, estimated seconds of a calibrated stage on samples
-    windows)``, timed with one forward of a random window as the stage would run it."""
+    """``(seconds of one window through every block, estimated seconds of a calibrated stage on
+    samples windows)``: the first block is timed on a random window as the stage computes it
+    (``dtype`` from :func:`resolve_compute_dtype`); the walk's two probe windows count too."""
     import time
 
-    device = _input_device(model, device)
+    from .models import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    offload = next(model.parameters()).device
+    device = device or offload
     vocab = model.get_input_embeddings().num_embeddings
-    window = torch.randint(0, vocab, (seq_len,), generator=torch.Generator().manual_seed(0))
-    with compute_context(device, dtype):
-        start = time.perf_counter()
-        _forward(model, window, device)
-        seconds = time.perf_counter() - start
-    return seconds, seconds * samples * PASSES_PER_WINDOW
+    window = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with float32_forward(model, blocks) if dtype == torch.float32 else contextlib.nullcontext():
+        inputs = capture_block_inputs(model, blocks[0], window, _input_device(model, device), offload)
+    block = blocks[0].to(device)
+
+    try:
+        with float32_block(block) if dtype == torch.float32 else contextlib.nullcontext():
+            run_block(block, inputs, device, dtype=dtype)  # the first call warms up kernels and caches
+            begin = time.perf_counter()
+            run_block(block, inputs, device, dtype=dtype)
+            seconds = time.perf_counter() - begin
+    finally:
+        blocks[0].to(offload)
+    window_seconds = seconds * len(blocks)
+    return window_seconds, window_seconds * (samples * PASSES_PER_WINDOW + 2)  # + the two probe windows
 
 
 def _input_device(model: nn.Module, device: torch.device | None) -> torch.device:
@@ -287,11 +306,12 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, updat
     the inputs.
 
     A forward may end early (a hook raising :class:`_StopForward` once it has what it needs).
-    ``dtype`` runs the block under autocast (hidden states stay in their own dtype).
+    ``dtype`` bfloat16/float16 runs the block under autocast (hidden states stay in their own
+    dtype); float32 feeds it float32 inputs (the walk has raised the block, :func:`float32_block`).
     ``observe(input, output)`` sees each window's hidden states before and after the block.
     """
     for i in range(len(inputs)):
-        args, kwargs = inputs.call(i, device)
+        args, kwargs = inputs.call(i, device, torch.float32 if dtype == torch.float32 else None)
         x = args[0] if args else kwargs.get("hidden_states")
         try:
             with compute_context(device, dtype):
@@ -304,15 +324,15 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, updat
             inputs.hidden[i : i + 1] = out.to(inputs.hidden.device, inputs.hidden.dtype)
 
 
-def _to(value, device):
+def _to(value, device, dtype: torch.dtype | None = None):
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_to(v, device, dtype) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [_to(v, device, dtype) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, dtype) for k, v in value.items()}
     return value
 
 
@@ -342,6 +362,8 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
     ``observe(index, input, output)`` sees each window's hidden states around each block.
     A block that the forward pass never reaches comes with ``reached=False`` and empty inputs;
     nothing runs through it (the model skips it too) and ``after`` is not called for it.
+    ``dtype`` (see :func:`resolve_compute_dtype`): bfloat16/float16 autocast, or float32, which
+    raises each block to float32 for its step and carries the hidden states in float32.
     """
     from .models import block_names, decoder_blocks
 
@@ -350,13 +372,19 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
     offload = next(model.parameters()).device
     device = device or offload
     input_device = _input_device(model, device)
+    upcast = dtype == torch.float32
+    # Whole-model forwards (probes, the first block's inputs, replays) compute in float32 too: the
+    # hidden states, rotary tables and masks the blocks receive are then those of a float32 model.
+    whole = (lambda: float32_forward(model, blocks)) if upcast else contextlib.nullcontext
     probes = torch.stack([windows[0], windows[1] if len(windows) > 1 else windows[0].flip(0)])
-    calls, feeds = probe_block_calls(model, blocks, probes, input_device)
+    with whole():
+        calls, feeds = probe_block_calls(model, blocks, probes, input_device)
     chained = _chainable(calls, feeds, len(blocks))
     if not chained:
         logger.info("calibration replays the model up to each block (its blocks take token-dependent inputs or "
                     "do not feed each other directly)")
-    hidden = _first_hidden(model, blocks[0], windows, input_device, offload) if chained else None
+    with whole():
+        hidden = _first_hidden(model, blocks[0], windows, input_device, offload) if chained else None
     if start and restore is not None:
         restore(hidden)
     for b in range(start, len(blocks)):
@@ -368,18 +396,21 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
             args, kwargs = calls[0][b]
             inputs = BlockInputs(hidden, kwargs, args)
         else:
-            inputs = capture_block_inputs(model, blocks[b], windows, input_device, offload)
-        step = BlockStep(b, names[b], blocks[b].to(device), inputs)
-        yield step
-        watch = (lambda x, out, b=b: observe(b, x, out)) if observe is not None else None
-        try:
-            if chained or watch is not None or step.hooks:
-                run_block(step.block, inputs, device, update=chained, dtype=dtype, observe=watch)
-        finally:
-            for handle in step.hooks:
-                handle.remove()
-        if after is not None:
-            after(step)
+            with whole():
+                inputs = capture_block_inputs(model, blocks[b], windows, input_device, offload)
+        block = blocks[b].to(device)
+        with float32_block(block) if upcast else contextlib.nullcontext():
+            step = BlockStep(b, names[b], block, inputs)
+            yield step
+            watch = (lambda x, out, b=b: observe(b, x, out)) if observe is not None else None
+            try:
+                if chained or watch is not None or step.hooks:
+                    run_block(step.block, inputs, device, update=chained, dtype=dtype, observe=watch)
+            finally:
+                for handle in step.hooks:
+                    handle.remove()
+            if after is not None:
+                after(step)
         blocks[b].to(offload)
 
 

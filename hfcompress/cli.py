@@ -22,7 +22,7 @@ from .errors import UserError
 
 logger = logging.getLogger("hfcompress")
 
-DEFAULT_RECIPE = "w4g64-rtn"
+DEFAULT_RECIPE = "w4g64-gptq"
 SAVE_FORMATS = ("auto", "native", "compressed-tensors")  # as hfcompress.formats.save, without importing torch
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -42,8 +42,9 @@ def _add_eval_args(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default: 2048)")
     parser.add_argument("--stride", type=int, help="strided windows instead of non-overlapping ones")
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-    parser.add_argument("--compute-dtype", choices=("bfloat16", "float16"),
-                        help="compute under autocast in this dtype (bf16 works on CPU)")
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="what the perplexity forwards compute in (default auto: the model's dtype where the "
+                             "hardware has it, else float32; bfloat16/float16: autocast)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
 
 
@@ -178,22 +179,40 @@ def _print_summary(model, output: Path, source, size_before: int, args, before, 
         print(f"  serve:    vllm serve {where}   (GPU; README: Formats and serving)")
 
 
-def _announce_calibration(model, recipe, device) -> None:
+def _calibration_shape(calibration, data) -> tuple[int, int]:
+    """``(windows, tokens per window)`` the calibration will use: a file of ready windows is used whole."""
+    data = data or calibration.data
+    if isinstance(data, str) and data.endswith(".safetensors") and Path(data).is_file():
+        from safetensors import safe_open
+
+        with safe_open(data, "pt") as f:
+            if "input_ids" in f.keys():
+                shape = f.get_slice("input_ids").get_shape()
+                if len(shape) == 2:
+                    return shape[0], shape[1]
+    return calibration.samples, calibration.seq_len
+
+
+def _announce_calibration(model, recipe, device, data=None) -> None:
     """Say before a calibrated stage starts how long it will take here (it can be long on a CPU)."""
     import torch
 
     from .calibration import estimate_calibration_seconds
+    from .precision import model_compute_dtype
     from .recipe import CalibrationConfig
 
     if not any(stage.needs_calibration for stage in recipe.stages):
         return
     calibration = recipe.calibration or CalibrationConfig()
-    dtype = getattr(torch, calibration.dtype) if calibration.dtype else None
-    window, total = estimate_calibration_seconds(model, calibration.samples, calibration.seq_len, dtype,
-                                                 torch.device(device) if device else None)
-    logger.info("calibrating on %d windows of %d tokens: about %d minutes on this machine (one window's forward "
-                "took %.1f s); --recipe w4g64-rtn takes about a minute, with a larger perplexity loss",
-                calibration.samples, calibration.seq_len, max(1, round(total / 60)), window)
+    device = torch.device(device) if device else None
+    dtype = model_compute_dtype(model, calibration.dtype, device)
+    samples, seq_len = _calibration_shape(calibration, data)
+    window, total = estimate_calibration_seconds(model, samples, seq_len, dtype, device)
+    precision = f"computed in {str(dtype).removeprefix('torch.')}" if dtype else "computed in the model's dtype"
+    duration = "under a minute" if total < 60 else f"about {round(total / 60)} minute{'s' if total >= 90 else ''}"
+    logger.info("calibrating on %d windows of %d tokens, %s: %s on this machine (one window through every block "
+                "takes %.1f s); --recipe w4g64-rtn takes about a minute, with a larger perplexity loss",
+                samples, seq_len, precision, duration, window)
 
 
 def run_compress(args) -> int:
@@ -218,7 +237,7 @@ def run_compress(args) -> int:
         raise UserError("perplexity needs a tokenizer and none was found with the model: pass --no-eval")
     size_before = _float_bytes(model)
     before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
-    _announce_calibration(model, recipe, args.device)
+    _announce_calibration(model, recipe, args.device, args.calibration_data)
     compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
              device=args.device)
     config = model.hfcompress_config

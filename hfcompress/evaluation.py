@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import load_text
 from .errors import DataError
+from .precision import float32_block, float32_forward, model_compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,24 @@ def _windows(n_tokens: int, seq_len: int, stride: int | None, max_windows: int |
     return spans[:max_windows] if max_windows else spans
 
 
+def forward_precision(model, dtype: torch.dtype | str | None = "auto") -> tuple[torch.dtype | None, Callable]:
+    """``(the dtype forwards compute in or None for the model's own, a factory of the context each
+    forward runs in)`` for a ``dtype`` name as :func:`evaluate_perplexity` takes it."""
+    weight = next(model.parameters())
+    dtype = model_compute_dtype(model, str(dtype).removeprefix("torch.") if dtype is not None else None, weight.device)
+    if dtype is None:
+        return None, contextlib.nullcontext
+    if dtype != torch.float32:
+        return dtype, lambda: torch.autocast(weight.device.type, dtype=dtype)
+    from .models import ArchitectureError, decoder_blocks
+
+    try:
+        blocks = list(decoder_blocks(model))
+    except ArchitectureError:  # no block stack found: the whole model raised for each forward
+        return dtype, lambda: float32_block(model)
+    return dtype, lambda: float32_forward(model, blocks)
+
+
 @torch.inference_mode()
 def evaluate_perplexity(
     model,
@@ -84,26 +104,28 @@ def evaluate_perplexity(
     seq_len: int = 2048,
     stride: int | None = None,
     max_windows: int | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     batch_size: int = 1,
     progress: bool = True,
     **text_kwargs,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``data`` (text file, folder, dataset, name or token ids).
 
-    ``dtype="bfloat16"`` computes under autocast (bf16 matmuls on CPU too) without touching the
-    weights. ``text_kwargs`` go to :func:`hfcompress.data.load_text` (``split``, ``config_name``,
-    ``text_column``).
+    ``dtype`` is what the forward passes compute in, never what the weights are stored in:
+    ``"auto"`` (default) the model's own dtype where the hardware computes it natively, else
+    float32 (a bfloat16 model on a CPU without bf16 instructions); ``"bfloat16"``/``"float16"``
+    autocast; ``"float32"`` raises a lower-precision model's weights while they compute; ``None``
+    the model's own dtype. ``text_kwargs`` go to :func:`hfcompress.data.load_text` (``split``,
+    ``config_name``, ``text_column``).
     """
     if stride is not None and not 0 < stride <= seq_len:
         raise ValueError(f"stride={stride} must be in [1, seq_len={seq_len}]")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     ids = tokenize(tokenizer, data, **text_kwargs)
     spans = _windows(ids.numel(), seq_len, stride, max_windows)
     if not spans or spans[0][1] - spans[0][0] < 2:
         raise DataError(f"the text has {ids.numel()} tokens, too few for one window of seq_len={seq_len}")
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    dtype, precision = forward_precision(model, dtype)
     total_nll, total_tokens = 0.0, 0
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
     was_training = model.training
@@ -113,7 +135,7 @@ def evaluate_perplexity(
         groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[s] for s in batch]
         for group in groups:
             inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-            with autocast:
+            with precision():
                 logits = model(input_ids=inputs, use_cache=False).logits
             for row, (b, e, scored) in enumerate(group):
                 # Token t is predicted by the logits at t - 1; the first token of a window has none.

@@ -79,6 +79,12 @@ class CompressionContext:
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         return self.tokenizer
 
+    def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """What calibration computes in (``None``: the model's own dtype); see ``calibration.dtype``."""
+        from .precision import model_compute_dtype
+
+        return model_compute_dtype(model, self.calibration.dtype, self.device)
+
     def resume_state(self, model: nn.Module, stage, windows: torch.Tensor):
         """A checkpoint folder for this stage, keyed by model, stage and calibration windows."""
         if self.resume_dir is None:
@@ -87,7 +93,7 @@ class CompressionContext:
 
         config = {k: v for k, v in model.config.to_dict().items()
                   if k not in ("quantization_config", "transformers_version", "_name_or_path")}
-        key = fingerprint(config, stage.to_dict(), self.stage_index, str(model.dtype), windows,
+        key = fingerprint(config, stage.to_dict(), self.stage_index, f"{model.dtype} {self.compute_dtype(model)}", windows,
                           model.get_input_embeddings().weight)
         return ResumeState(Path(self.resume_dir) / f"stage{self.stage_index}", key)
 

@@ -135,9 +135,12 @@ class CalibrationConfig(_Section):
     samples: int = 128
     seq_len: int = 2048
     seed: int = 0
-    dtype: str | None = None  # compute dtype of calibration forwards and Hessians (None: the model's)
+    # Compute dtype of calibration forwards and Hessians. auto: the model's own where the device
+    # computes it natively, else float32 (a bfloat16 model on a CPU without bf16 instructions);
+    # null: the model's own, always.
+    dtype: str | None = "auto"
 
-    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+    DTYPES: ClassVar[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")
 
     def validate(self):
         for key in ("samples", "seq_len"):

@@ -125,3 +125,31 @@ def test_compress_with_a_prune_recipe_writes_a_plain_checkpoint(tmp_path, tiny_l
     assert main(["inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["quantized"] == [] and summary["by_type"]["float linear"]["params"] > 0
+
+
+def test_calibrated_recipes_say_how_long_they_will_take_before_starting(tmp_path, tiny_llama_dir, capsys):
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("calibration: {samples: 4, seq_len: 32}\n"
+                      "stages:\n  - quantize: {method: gptq, bits: 4, group_size: 32}\n")
+    code = main(["compress", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(tmp_path / "out"),
+                 "--no-eval", "--dtype", "bfloat16"])
+    assert code == 0
+    log = capsys.readouterr().err
+    announced = log.index("calibrating on 4 windows of 32 tokens")
+    assert announced < log.index("stage 1/1: quantize")
+    assert "computed in float32" in log or "computed in the model's dtype" in log
+
+
+def test_calibration_estimate_leaves_the_model_as_it_was():
+    import torch
+
+    from hfcompress.calibration import PASSES_PER_WINDOW, estimate_calibration_seconds
+
+    from conftest import tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    window, total = estimate_calibration_seconds(model, samples=8, seq_len=64, dtype=torch.float32)
+    assert window > 0 and total == pytest.approx(window * (8 * PASSES_PER_WINDOW + 2))
+    after = model.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())

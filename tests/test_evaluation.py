@@ -142,3 +142,13 @@ def test_evaluate_metric_takes_a_compressed_model_object(tmp_path, tokenizer, mo
     # model_id takes the object too, and then the tokenizer comes from its folder (name_or_path).
     model.name_or_path = str(tmp_path / "w4")
     assert metric.compute(model_id=model, **options)["perplexities"] == from_object["perplexities"]
+
+
+def test_evaluation_keeps_no_autograd_graph():
+    model = tiny_llama()
+    tracked = []
+    model.register_forward_hook(lambda module, args, output: tracked.append(output.logits.requires_grad))
+    ids = torch.randint(0, 300, (300,), generator=torch.Generator().manual_seed(4))
+    evaluate_perplexity(model, None, ids, seq_len=128, progress=False)
+    evaluate_perplexity(model.to(torch.bfloat16), None, ids, seq_len=128, dtype="float32", progress=False)
+    assert tracked == [False] * 4  # activations are freed as the forward goes, whatever the precision

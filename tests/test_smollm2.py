@@ -87,11 +87,16 @@ def test_smollm2_gptq_group128_ragged_end_to_end(tmp_path, smollm2):
 def test_default_cli_run_on_the_bundled_model(tmp_path, capsys):
     from hfcompress.cli import main
 
+    from safetensors.torch import save_file
+
     default_model_source()  # the bundled model must be installed
     out = tmp_path / "smollm2-w4"
-    assert main(["compress", "--output", str(out), "--max-windows", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "perplexity:" in printed and "MB" in printed
+    windows = tmp_path / "windows.safetensors"  # the default recipe (GPTQ) on 2 short windows: CI time
+    save_file({"input_ids": torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed(0))}, windows)
+    assert main(["compress", "--output", str(out), "--max-windows", "1", "--calibration-data", str(windows)]) == 0
+    printed, log = capsys.readouterr()
+    assert "perplexity:" in printed and "MB" in printed and "format:     compressed-tensors" in printed
+    assert "calibrating on 2 windows of 128 tokens" in log
     card = (out / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "perplexity" in card
 

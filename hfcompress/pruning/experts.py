@@ -96,7 +96,7 @@ def prune_experts(model: nn.Module, stage, context) -> None:
         if isinstance(groups, int) and groups > 1 and keep_count % groups:
             raise PruningError(f"experts: the router picks among {groups} groups of experts, so the experts kept "
                                f"({keep_count}) must be a multiple of {groups}")
-    dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
+    dtype = context.compute_dtype(model)
     scores = expert_scores(model, experts, context.calibration_windows(), context.device, dtype)
     for name, module in experts.items():
         keep = torch.sort(scores[name].argsort(descending=True)[:keep_count]).values

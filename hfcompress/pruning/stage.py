@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 def compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context) -> Scores:
     """The stage's importance scores (Block Influence for layers included when layers are dropped)."""
     hidden = bool(stage.hidden)
-    dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
+    dtype = context.compute_dtype(model)
     if layout is None:  # whole layers only: Block Influence
         return activation_scores(model, None, context.calibration_windows(), context.device, dtype)
     if stage.importance == "activation":

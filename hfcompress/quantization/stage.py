@@ -227,7 +227,7 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
 
         windows = context.calibration_windows()
         resume = context.resume_state(model, stage, windows)
-        dtype = getattr(torch, context.calibration.dtype) if context.calibration.dtype else None
+        dtype = context.compute_dtype(model)
         outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device,
                                 dtype)
         if outside:

@@ -21,7 +21,6 @@ The model is a path or Hub id (``model_id``), or a model already in memory (``mo
 (['perplexities', 'mean_perplexity', 'perplexity', 'nll', 'tokens', 'windows'], 2, 1, 31)
 """
 
-import contextlib
 import logging
 import os
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hfcompress.errors import DataError
-from hfcompress.evaluation import evaluate_perplexity
+from hfcompress.evaluation import evaluate_perplexity, forward_precision
 from hfcompress.io import load_model
 
 # evaluate imports this file under a cache-derived module name: log under a stable one.
@@ -59,7 +58,8 @@ Args:
     stride (int, optional): strided corpus windows instead of non-overlapping ones.
     max_windows (int, optional): score only the first corpus windows.
     dtype (str): dtype to load `model_id` in ("auto", "float32", "bfloat16"). Defaults to "auto".
-    compute_dtype (str, optional): autocast dtype, e.g. "bfloat16" (works on CPU).
+    compute_dtype (str, optional): what the forwards compute in. Defaults to "auto": the model's dtype
+        where the hardware has it, else float32; "bfloat16"/"float16": autocast; None: the model's.
 Returns:
     perplexities (one per text), mean_perplexity, and over the corpus: perplexity, nll (mean nats
     per token), tokens (scored), windows.
@@ -94,7 +94,7 @@ def _model_and_tokenizer(model_id, model, tokenizer, dtype, device):
 
 
 @torch.inference_mode()
-def text_perplexities(model, tokenizer, texts, batch_size=16, add_start_token=True, max_length=None, dtype=None):
+def text_perplexities(model, tokenizer, texts, batch_size=16, add_start_token=True, max_length=None, dtype="auto"):
     """Perplexity of each text on its own, as evaluate's metric defines it: exp(mean NLL of its tokens)."""
     bos = tokenizer.bos_token_id if add_start_token else None
     if add_start_token and max_length and bos is None:
@@ -109,8 +109,7 @@ def text_perplexities(model, tokenizer, texts, batch_size=16, add_start_token=Tr
                             "(drop empty texts, or use add_start_token=True with a tokenizer that has a BOS token)")
         rows.append(ids)
     device = next(model.parameters()).device
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    precision = forward_precision(model, dtype)[1]
     was_training = model.training
     model.eval()
     perplexities = []
@@ -124,7 +123,7 @@ def text_perplexities(model, tokenizer, texts, batch_size=16, add_start_token=Tr
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        with autocast:
+        with precision():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         # Token t is predicted by the logits at t - 1; padding is not scored.
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
@@ -146,7 +145,7 @@ class Perplexity(evaluate.Metric):
 
     def _compute(self, predictions, model_id=None, model=None, tokenizer=None, batch_size=16, add_start_token=True,
                  max_length=None, device=None, seq_len=2048, stride=None, max_windows=None, dtype="auto",
-                 compute_dtype=None):
+                 compute_dtype="auto"):
         model, tokenizer = _model_and_tokenizer(model_id, model, tokenizer, dtype, device)
         perplexities = text_perplexities(model, tokenizer, predictions, batch_size=batch_size,
                                          add_start_token=add_start_token, max_length=max_length, dtype=compute_dtype)
