@@ -152,3 +152,12 @@ def test_cli_compress_says_which_format_it_wrote(tmp_path, tiny_llama_dir, capsy
     assert "format:     native" in capsys.readouterr().out
     assert json.loads((tmp_path / "n" / "config.json").read_text())["quantization_config"]["quant_method"] == \
         "hfcompress"
+
+
+def test_the_default_save_format_needs_no_extra():
+    """The README's first command installs no extra beyond gguf: what the default save writes with
+    must come with hfcompress itself."""
+    from importlib.metadata import requires
+
+    core = [r for r in requires("hfcompress") if "extra ==" not in r]
+    assert any(r.replace("_", "-").startswith("compressed-tensors") for r in core)
