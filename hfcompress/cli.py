@@ -224,7 +224,8 @@ def run_compress(args) -> int:
 
     recipe = Recipe.load(args.recipe)  # validate before the slow steps
     output = Path(args.output) if args.output else _default_output(args.model, args.recipe)
-    check_output(output, args.overwrite)
+    sources = [args.model] if args.model and Path(args.model).exists() else []  # never written over
+    check_output(output, args.overwrite, sources)
     resume_dir = Path(f"{output}.resume")
     if resume_dir.exists() and not args.resume:
         raise UserError(f"{resume_dir} holds an interrupted run: pass --resume to continue it, or delete it to start over")
@@ -252,7 +253,7 @@ def run_compress(args) -> int:
         config.metrics["perplexity_before_compression"] = before.perplexity
     processor = load_processor(source, trust_remote_code=args.trust_remote_code)
     save_compressed(model, output, tokenizer, overwrite=args.overwrite, processor=processor,
-                    save_format=args.save_format)
+                    save_format=args.save_format, sources=sources)
     shutil.rmtree(resume_dir, ignore_errors=True)
     _print_summary(model, output, source, size_before, args, before, after,
                    describe_text_source(data, split=args.split, config_name=args.config_name) if data else None)

@@ -24,3 +24,7 @@ class CheckpointError(UserError, ValueError):
 
 class CalibrationError(UserError, ValueError):
     """The model does not run on calibration token windows (it needs other inputs)."""
+
+
+class StageError(UserError, RuntimeError):
+    """A stage's result that must not be used or saved (non-finite weights), with the likely cause."""

@@ -13,15 +13,15 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .errors import CheckpointError, ModelSourceError, OutputExistsError
+from .errors import CheckpointError, ModelSourceError
+from .output import atomic_output, check_output  # noqa: F401  (check_output: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -202,46 +202,23 @@ def read_license(source: ModelSource, online: bool = True) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output unless ``overwrite``; call before long work starts."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"{output} exists and is a file, not a folder: choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite (overwrite=True) to replace it")
-    return output
-
-
 def save_compressed(model, output: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-                    processor=None, save_format: str = "auto") -> Path:
+                    processor=None, save_format: str = "auto", sources: Iterable[str | os.PathLike] = ()) -> Path:
     """``save_pretrained`` (model card included) into ``output``, atomically, with the tokenizer,
     or the whole multimodal ``processor`` (which holds the tokenizer) when there is one.
     ``save_format``: ``auto``, ``native`` or ``compressed-tensors`` (see :mod:`hfcompress.formats.save`).
 
     Everything is written to a temporary folder beside ``output`` and renamed at the end; an
-    error or interruption removes the temporary folder and leaves ``output`` as it was.
+    error or interruption removes the temporary folder and leaves ``output`` as it was (see
+    :mod:`hfcompress.output`). ``sources``: folders the model was read from, which ``output``
+    must not be or hold.
     """
-    output = check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
+    with atomic_output(output, overwrite, sources) as staging:
         model.save_pretrained(staging, save_format=save_format)  # an argument import hfcompress adds
         if processor is not None:
             processor.save_pretrained(staging)
         elif tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(retired / output.name)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    output = Path(output)
     logger.info("saved %s", output)
     return output

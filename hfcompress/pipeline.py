@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import CompressionConfig
+from .errors import StageError
 from .pruning.stage import apply_prune_stage
 from .quantization.stage import apply_quantize_stage
 from .recipe import CalibrationConfig, Recipe
@@ -171,6 +172,28 @@ def detach_config(model: nn.Module) -> None:
             module.config._is_quantized = False
 
 
+@torch.no_grad()
+def _non_finite(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding NaN or infinite values."""
+    seen, bad = set(), []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not tensor.is_meta and id(tensor) not in seen:
+            seen.add(id(tensor))
+            if not torch.isfinite(tensor).all():
+                bad.append(name)
+    return bad
+
+
+def _check_finite(model: nn.Module, what: str, before: list[str]) -> None:
+    """Refuse a model that a stage left with NaN or infinite weights (buffers that held such values
+    before, e.g. -inf masks, are the model's own): nothing of it gets saved."""
+    new = [name for name in _non_finite(model) if name not in before]
+    if new:
+        raise StageError(f"{what} left non-finite values (NaN or inf) in {new[0]}"
+                         f"{f' and {len(new) - 1} more tensors' if len(new) > 1 else ''}; nothing was saved. Check "
+                         "the stage's numbers (learning rate, temperature, loss weights)")
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str | os.PathLike,
@@ -220,10 +243,12 @@ def compress(
     if any(getattr(stage, "teacher", None) == "original" for stage in recipe.stages):
         logger.info("keeping a copy of the model as it is now, the teacher of the distill stage")
         context.original_model = copy.deepcopy(model).eval()
+    non_finite = _non_finite(model)
     for i, stage in enumerate(recipe.stages, start=1):
         logger.info("stage %d/%d: %s", i, len(recipe.stages), stage.name)
         context.stage_index = i - 1
         STAGE_RUNNERS[stage.name](model, stage, config, context)
+        _check_finite(model, f"stage {i} ({stage.name})", non_finite)
     context.original_model = None
     register_shared_tensors(model)  # each shared tensor is saved once
     model.hfcompress_config = config  # what was done, also when nothing needs recording in config.json

@@ -50,8 +50,8 @@ def model_compute_dtype(model: nn.Module, name: str | None, device: torch.device
     """:func:`resolve_compute_dtype` for ``model`` (its first floating-point weight's dtype), computed
     on ``device`` (default: where that weight is)."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if weight is None:
-        return None
+    if weight is None or any(p.is_meta for p in model.parameters()):
+        return None  # weights offloaded (accelerate brings them in per forward): they cannot be raised in place
     return resolve_compute_dtype(name, weight.dtype, device or weight.device)
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +39,48 @@ QUANTIZE_METHODS = ("rtn", "gptq")
 
 class RecipeError(UserError, ValueError):
     """A recipe (YAML, dict or object) that does not validate; the message names the key."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML without aliases and without duplicate keys.
+
+    An alias re-uses a node, so a few hundred bytes of nested aliases expand to billions of
+    values ("billion laughs"); a recipe is short enough to write out. A repeated key would
+    silently mean its last value (``{bits: 4, bits: 2}`` is 2 bits).
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RecipeError(f"recipe line {event.start_mark.line + 1}: YAML aliases (*{shown(event.anchor)[1:-1]}) "
+                              "are not allowed in recipes; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise RecipeError(f"recipe line {key_node.start_mark.line + 1}: key {shown(key)} appears twice in "
+                                  "one mapping; keep one")
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short: an error message quotes what it refuses, never all of it."""
+    return _SHOWN.repr(value)
+
+
+# Integers a recipe may hold: sizes, counts and indices, far below this; larger is a typo or an attack.
+INT_LIMIT = 2**31
 
 
 def _where(path: str, key: str) -> str:
@@ -56,11 +100,11 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
         raise errors[-1]
     if hint is type(None):
         if value is not None:
-            raise RecipeError(f"{where}: expected nothing (null), got {value!r}")
+            raise RecipeError(f"{where}: expected nothing (null), got {shown(value)}")
         return
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
+            raise RecipeError(f"{where}: expected a list, got {shown(value)}")
         for i, item in enumerate(value):
             _check_type(item, typing.get_args(hint)[0], f"{where}[{i}]")
         return
@@ -69,7 +113,11 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise RecipeError(f"{where}: expected {names.get(hint, hint.__name__)}, got {value!r}")
+        raise RecipeError(f"{where}: expected {names.get(hint, hint.__name__)}, got {shown(value)}")
+    if hint is float and not math.isfinite(value):
+        raise RecipeError(f"{where}: expected a finite number, got {value}")
+    if hint in (int, float) and abs(value) >= INT_LIMIT:
+        raise RecipeError(f"{where}: {shown(value)} is out of range (at most {INT_LIMIT - 1:,} in size)")
 
 
 class _Section:
@@ -80,13 +128,13 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise RecipeError(f"recipe {path}: expected a mapping of keys, got {data!r}")
+            raise RecipeError(f"recipe {path}: expected a mapping of keys, got {shown(data)}")
         hints = typing.get_type_hints(cls)
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in valid:
                 raise RecipeError(
-                    f"recipe {_where(path, str(key))}: unknown key {key!r}; valid keys: {', '.join(valid)}"
+                    f"recipe {_where(path, str(key))}: unknown key {shown(key)}; valid keys: {', '.join(valid)}"
                 )
         values = {}
         for key, value in data.items():
@@ -147,7 +195,7 @@ class CalibrationConfig(_Section):
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key}: {getattr(self, key)} must be positive")
         if self.dtype is not None and self.dtype not in self.DTYPES:
-            raise RecipeError(f"dtype: {self.dtype!r} is not a compute dtype; valid: {', '.join(self.DTYPES)}")
+            raise RecipeError(f"dtype: {shown(self.dtype)} is not a compute dtype; valid: {', '.join(self.DTYPES)}")
 
 
 @dataclass
@@ -222,7 +270,7 @@ class QuantizeStage(_Section):
 
     def validate(self):
         if self.method not in QUANTIZE_METHODS:
-            raise RecipeError(f"method: {self.method!r} is not a method we have; valid: {', '.join(QUANTIZE_METHODS)}")
+            raise RecipeError(f"method: {shown(self.method)} is not a method we have; valid: {', '.join(QUANTIZE_METHODS)}")
         if self.bits not in BIT_WIDTHS:
             raise RecipeError(f"bits: {self.bits} is not a valid bit width; valid: {', '.join(map(str, BIT_WIDTHS))}")
         if self.group_size != -1 and self.group_size <= 0:
@@ -239,13 +287,13 @@ class QuantizeStage(_Section):
             defaults = QuantizeStage.__dataclass_fields__
             for key in self.GPTQ_KEYS:
                 if getattr(self, key) != defaults[key].default:
-                    raise RecipeError(f"{key}: applies to method gptq only, not {self.method!r}")
+                    raise RecipeError(f"{key}: applies to method gptq only, not {shown(self.method)}")
 
 
 def _check_amount(key: str, value: float | int, what: str) -> None:
     """A pruning amount: a fraction in [0, 1) as a float, or a count as an integer."""
     if isinstance(value, bool):
-        raise RecipeError(f"{key}: expected a fraction or a count, got {value!r}")
+        raise RecipeError(f"{key}: expected a fraction or a count, got {shown(value)}")
     if isinstance(value, int):
         if value < 0:
             raise RecipeError(f"{key}: {value} must be a count of {what} to remove (>= 0)")
@@ -292,9 +340,9 @@ class PruneStage(_Section):
         if self.layers < 0:
             raise RecipeError(f"layers: {self.layers} must be a count of decoder layers to remove (>= 0)")
         if self.importance not in self.IMPORTANCE:
-            raise RecipeError(f"importance: {self.importance!r} is not a measure we have; valid: {', '.join(self.IMPORTANCE)}")
+            raise RecipeError(f"importance: {shown(self.importance)} is not a measure we have; valid: {', '.join(self.IMPORTANCE)}")
         if self.gqa not in self.GQA:
-            raise RecipeError(f"gqa: {self.gqa!r} is not a GQA mode; valid: {', '.join(self.GQA)}")
+            raise RecipeError(f"gqa: {shown(self.gqa)} is not a GQA mode; valid: {', '.join(self.GQA)}")
 
 
 @dataclass
@@ -353,12 +401,12 @@ class DistillStage(_Section):
         if self.temperature <= 0:
             raise RecipeError(f"temperature: {self.temperature} must be positive")
         if self.divergence not in self.DIVERGENCES:
-            raise RecipeError(f"divergence: {self.divergence!r} is not valid; valid: {', '.join(self.DIVERGENCES)}")
+            raise RecipeError(f"divergence: {shown(self.divergence)} is not valid; valid: {', '.join(self.DIVERGENCES)}")
         if self.dtype not in (None, "bfloat16", "float16"):
-            raise RecipeError(f"dtype: {self.dtype!r} is not a training precision; valid: bfloat16, float16 (or null)")
+            raise RecipeError(f"dtype: {shown(self.dtype)} is not a training precision; valid: bfloat16, float16 (or null)")
         for pair in self.layer_map or []:
             if len(pair) != 2 or min(pair) < 0:
-                raise RecipeError(f"layer_map: {pair!r} is not a [student, teacher] pair of layer indices")
+                raise RecipeError(f"layer_map: {shown(pair)} is not a [student, teacher] pair of layer indices")
 
 
 @dataclass
@@ -391,7 +439,7 @@ class ShareStage(_Section):
 
     def validate(self):
         if self.tie_embeddings is not None and self.tie_embeddings not in self.TIES:
-            raise RecipeError(f"tie_embeddings: {self.tie_embeddings!r} is not valid; valid: {', '.join(self.TIES)}")
+            raise RecipeError(f"tie_embeddings: {shown(self.tie_embeddings)} is not valid; valid: {', '.join(self.TIES)}")
         if self.layers is not None and self.every:
             raise RecipeError("layers: give either explicit groups (layers) or a group size (every), not both")
         if self.every < 0 or self.every == 1:
@@ -401,7 +449,7 @@ class ShareStage(_Section):
         seen: dict[int, int] = {}
         for i, group in enumerate(self.layers or []):
             if len(group) < 2:
-                raise RecipeError(f"layers: group {group!r} has fewer than two layers; a group shares among 2 or more")
+                raise RecipeError(f"layers: group {shown(group)} has fewer than two layers; a group shares among 2 or more")
             for layer in group:
                 if layer < 0:
                     raise RecipeError(f"layers: {layer} is not a layer index (layers count from 0)")
@@ -410,10 +458,10 @@ class ShareStage(_Section):
                     raise RecipeError(f"layers: layer {layer} appears {where}; groups must not overlap")
                 seen[layer] = i
         if not self.parts or len(set(self.parts)) != len(self.parts) or not set(self.parts) <= set(self.PARTS):
-            raise RecipeError(f"parts: {self.parts!r} is not valid; a non-empty list of distinct parts from: "
+            raise RecipeError(f"parts: {shown(self.parts)} is not valid; a non-empty list of distinct parts from: "
                               f"{', '.join(self.PARTS)}")
         if isinstance(self.init, str) and self.init != "mean":
-            raise RecipeError(f"init: {self.init!r} is not valid; use mean, or the position of one group member (0, 1, ...)")
+            raise RecipeError(f"init: {shown(self.init)} is not valid; use mean, or the position of one group member (0, 1, ...)")
         if isinstance(self.init, int) and self.init < 0:
             raise RecipeError(f"init: {self.init} is not a position in a group (0 is the first member)")
         if self.lora_rank < 0:
@@ -432,11 +480,11 @@ def _parse_stage(item: Any, path: str) -> Stage:
     if not isinstance(item, dict) or len(item) != 1:
         raise RecipeError(
             f"recipe {path}: a stage is a mapping with one key, the stage name (one of: {', '.join(STAGES)}); "
-            f"got {item!r}"
+            f"got {shown(item)}"
         )
     (name, params), = item.items()
     if name not in STAGES:
-        raise RecipeError(f"recipe {path}: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+        raise RecipeError(f"recipe {path}: unknown stage {shown(name)}; valid stages: {', '.join(STAGES)}")
     return STAGES[name].from_dict(params, f"{path}.{name}")
 
 
@@ -454,18 +502,18 @@ class Recipe:
             raise RecipeError("recipe stages: a recipe needs at least one stage; valid stages: " + ", ".join(STAGES))
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, tuple(STAGES.values())):
-                raise RecipeError(f"recipe stages[{i}]: {stage!r} is not a stage; valid stages: {', '.join(STAGES)}")
+                raise RecipeError(f"recipe stages[{i}]: {shown(stage)} is not a stage; valid stages: {', '.join(STAGES)}")
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
         if not isinstance(data, dict):
-            raise RecipeError(f"recipe: expected a mapping with keys {', '.join(cls.KEYS)}, got {data!r}")
+            raise RecipeError(f"recipe: expected a mapping with keys {', '.join(cls.KEYS)}, got {shown(data)}")
         for key in data:
             if key not in cls.KEYS:
-                raise RecipeError(f"recipe {key}: unknown key {key!r}; valid keys: {', '.join(cls.KEYS)}")
+                raise RecipeError(f"recipe {key}: unknown key {shown(key)}; valid keys: {', '.join(cls.KEYS)}")
         stages = data.get("stages")
         if not isinstance(stages, list):
-            raise RecipeError(f"recipe stages: expected a list of stages, got {stages!r}")
+            raise RecipeError(f"recipe stages: expected a list of stages, got {shown(stages)}")
         calibration = data.get("calibration")
         return cls(
             stages=[_parse_stage(item, f"stages[{i}]") for i, item in enumerate(stages)],
@@ -482,9 +530,9 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader, stricter)
         except yaml.YAMLError as err:
-            raise RecipeError(f"recipe: not valid YAML: {err}") from None
+            raise RecipeError(f"recipe: not valid YAML: {str(err)[:500]}") from None
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
@@ -505,7 +553,7 @@ class Recipe:
             if str(source) in bundled:
                 return cls.from_yaml(bundled[str(source)].read_text(encoding="utf-8"))
             raise RecipeError(
-                f"recipe {str(source)!r} is neither a YAML file nor a bundled recipe; bundled: {', '.join(bundled)}"
+                f"recipe {shown(str(source))} is neither a YAML file nor a bundled recipe; bundled: {', '.join(bundled)}"
             )
         raise RecipeError(f"recipe: expected a Recipe, a dict or a YAML path, got {type(source).__name__}")
 

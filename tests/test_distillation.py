@@ -219,3 +219,20 @@ def test_distill_stage_while_loading(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=recipe)
     assert model.config.num_attention_heads == 3
     assert getattr(model.config, "quantization_config", None) is None  # a plain checkpoint again
+
+
+def test_a_stage_that_leaves_non_finite_weights_is_refused_and_nothing_is_saved(tmp_path, monkeypatch):
+    from hfcompress import pipeline
+    from hfcompress.errors import StageError
+
+    def diverging(model, stage, config, context):  # as a training step with a loss gone NaN would leave it
+        model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+
+    monkeypatch.setitem(pipeline.STAGE_RUNNERS, "distill", diverging)
+    model = tiny_llama()
+    model.model.layers[0].self_attn.register_buffer("mask", torch.full((2,), float("-inf")))  # the model's own
+    recipe = {"stages": [{"distill": {"steps": 2, "seq_len": 16}}]}
+    with pytest.raises(StageError, match=r"stage 1 \(distill\) left non-finite values .* in "
+                                         r"model.layers.1.mlp.up_proj.weight; nothing was saved"):
+        hfcompress.compress(model, recipe, calibration_data=IDS[:64].view(2, 32))
+    assert getattr(model, "hfcompress_config", None) is None  # no record: save_pretrained writes no compressed model

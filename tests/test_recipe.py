@@ -116,3 +116,33 @@ def test_load_accepts_objects_dicts_paths_and_bundled_names(tmp_path):
 @pytest.mark.parametrize("name", sorted(bundled_recipes()))
 def test_every_bundled_recipe_validates(name):
     assert Recipe.load(name).stages
+
+
+BILLION_LAUGHS = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+                         for p, c in zip(["", *"abcdefgh"], "abcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BILLION_LAUGHS, r"recipe line 2: YAML aliases \(\*a\) are not allowed"),
+    ("calibration: &c {samples: 4}\nstages:\n  - quantize: {bits: 4}\nother: *c\n", "YAML aliases"),
+    ("stages:\n  - quantize: {bits: 4, bits: 2}\n", r"recipe line 2: key 'bits' appears twice"),
+    ("calibration: {samples: 4}\ncalibration: {samples: 8}\nstages: []\n", "key 'calibration' appears twice"),
+    ("stages:\n  - distill: {temperature: .nan}\n", "temperature: expected a finite number, got nan"),
+    ("stages:\n  - distill: {temperature: .inf}\n", "expected a finite number, got inf"),
+    ("stages:\n  - distill: {loss: {kl: .nan}}\n", "kl: expected a finite number"),
+    ("stages:\n  - quantize: {group_size: 1000000000000000000000000000000}\n", "group_size: .* is out of range"),
+    ("calibration: {samples: 99999999999}\nstages: []\n", "samples: .* is out of range"),
+])
+def test_hostile_yaml_is_refused_at_once_with_a_short_message(text, message):
+    with pytest.raises(RecipeError, match=message) as caught:
+        Recipe.from_yaml(text)
+    assert len(str(caught.value)) < 300
+
+
+def test_error_messages_quote_a_bounded_part_of_the_value():
+    with pytest.raises(RecipeError) as caught:
+        Recipe.from_dict({"stages": [{"x" * 100_000: {}}]})
+    assert len(str(caught.value)) < 300
+    with pytest.raises(RecipeError) as caught:
+        Recipe.from_dict({"stages": [{"quantize": {"ignore": [[list(range(10_000))] * 1000]}}]})
+    assert len(str(caught.value)) < 400

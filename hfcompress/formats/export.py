@@ -30,15 +30,15 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..errors import OutputExistsError, UserError
+from ..errors import UserError
+from ..output import atomic_output, check_output
 from . import compressed_tensors
 from .checkpoint import loaded_names, packed_modules, skeleton, sort_metadata_in_place
-from .folder import RECORD_KEY, read_native
+from .folder import RECORD_KEY, model_files, read_native
 from ..quantization.packed_tensor import SUFFIX as PACKED_SUFFIX
 from ..quantization.grid import group_index
 from ..quantization.pack import pack_columns, unpack_columns
@@ -330,8 +330,7 @@ def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike,
     if fmt not in EXPORTERS:
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORTERS)}")
     folder, output = Path(folder), Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite to replace it")
+    check_output(output, overwrite, sources=[folder])
     native_config, native_tensors = read_native(folder)
     record = native_config["quantization_config"]  # what hfcompress did, for the card
     try:
@@ -369,20 +368,11 @@ def write_folder(source: Path, output: Path, tensors: dict, config: dict, record
     written to a temporary folder renamed at the end."""
     from ..card import write_folder_card
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        for item in source.iterdir():
-            if item.is_file() and not item.name.endswith((".safetensors", ".safetensors.index.json")) \
+    with atomic_output(output, overwrite=True, sources=[source]) as staging:
+        for item in model_files(source):
+            if not item.name.endswith((".safetensors", ".safetensors.index.json")) \
                     and item.name not in ("config.json", "README.md"):
                 shutil.copy2(item, staging / item.name)
         write_tensors(staging, tensors)
         write_config(staging, config)
         write_folder_card(staging, record=record)
-        staging.chmod(0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -65,8 +65,35 @@ def read_config(folder: str | os.PathLike) -> dict:
     return read_config_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a file of ``folder`` may really live: inside it, or, for a snapshot of the Hugging Face
+    cache (``.../snapshots/<revision>``, whose files link to ``../../blobs``), in its repository's blobs."""
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def model_files(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The regular files of a model folder matching ``pattern``. A link is followed only to a file
+    inside the folder (or its cache repository's blobs): a checkpoint cannot make us read, and
+    copy into an export, a file from elsewhere on the machine."""
+    folder = Path(folder)
+    roots = _allowed_roots(folder)
+    files = []
+    for item in sorted(folder.glob(pattern)):
+        if not item.is_file():
+            continue
+        if item.is_symlink() and not any(r == (t := item.resolve()) or r in t.parents for r in roots):
+            raise CheckpointError(f"{item} links outside the model folder (to {item.resolve()}); copy the file "
+                                  "into the folder if it belongs to the model")
+        files.append(item)
+    return files
+
+
 def safetensors_files(folder: str | os.PathLike) -> list[Path]:
-    files = sorted(Path(folder).glob("*.safetensors"))
+    files = model_files(folder, "*.safetensors")
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors files; hfcompress reads safetensors checkpoints only")
     return files

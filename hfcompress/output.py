@@ -1,0 +1,117 @@
+"""Output folders written whole or not at all, never at the expense of what was there.
+
+Everything goes to a staging folder beside the output (``.OUT.tmp-*``) that is renamed into place
+at the end. Replacing an existing output takes two renames: the old folder moves aside into
+``.OUT.old-*/OUT``, then the staging folder becomes ``OUT``. A process killed between the two
+leaves no ``OUT``; the next writer (or :func:`recover_output`) finds the old folder aside and puts
+it back, and removes staging folders that no live run holds.
+
+An output is refused when it is a model the run reads, or a folder holding one: ``--overwrite``
+would delete the input before the output exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _alive(folder: Path) -> bool:
+    """Whether the process that named ``folder`` (``.OUT.tmp-PID-*``, ``.OUT.old-PID-*``) still runs."""
+    try:
+        pid = int(folder.name.rsplit(".", 1)[-1].split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid != os.getpid()
+
+
+def recover_output(output: str | os.PathLike) -> None:
+    """Put back an output that a killed replacement left aside, and drop staging folders of runs
+    that no longer run."""
+    output = Path(output)
+    parent = output.parent
+    if not parent.is_dir():
+        return
+    for aside in sorted(parent.glob(f".{output.name}.old-*")):
+        if _alive(aside):
+            continue
+        kept = aside / output.name
+        if kept.is_dir() and not output.exists():
+            kept.rename(output)
+            logger.warning("%s: restored the previous output, left aside by an interrupted replacement", output)
+        if not (aside / output.name).exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            logger.warning("%s holds an earlier output left aside (the current one is complete): delete it when "
+                           "you no longer need it", aside)
+    for staging in sorted(parent.glob(f".{output.name}.tmp-*")):
+        if _alive(staging):
+            continue
+        logger.warning("%s: removing an unfinished output left by an interrupted run", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(output: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output that is one of ``sources`` (or holds one), a file, or an existing non-empty
+    folder without ``overwrite``; call before long work starts. Recovers an interrupted replacement."""
+    output = Path(output)
+    target = output.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if _inside(source, target):
+            what = "is" if source == target else "holds"
+            raise OutputExistsError(f"{output} {what} the input {source}: writing there would delete it; choose "
+                                    "another --output")
+    recover_output(output)
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"{output} exists and is a file, not a folder: choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite (overwrite=True) to replace it")
+    parent = next((p for p in [output.absolute(), *output.absolute().parents] if p.exists()), None)
+    if parent is not None and not os.access(parent if parent.is_dir() else parent.parent, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{output}: {parent} is not writable; choose another --output")
+    return output
+
+
+@contextmanager
+def atomic_output(output: str | os.PathLike, overwrite: bool = False,
+                  sources: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces ``output`` (see the module docstring), on any
+    error or interruption it is removed and ``output`` stays as it was."""
+    output = check_output(output, overwrite, sources)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield staging
+        if output.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-{os.getpid()}-", dir=output.parent))
+            output.rename(aside / output.name)
+            staging.rename(output)  # killed between the renames: recover_output puts the old one back
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
