@@ -32,6 +32,7 @@ from .data import WIKITEXT2_NAME
 from .errors import CheckpointError
 from .formats.folder import RECORD_KEY
 from .models import linear_shape
+from .output import final_name
 from .recipe import Recipe
 from .report import format_bytes, summarize_folder
 
@@ -255,9 +256,8 @@ def _loading_section(guide: LoadingGuide, repo: str, task: str | None) -> str:
 
 
 def _folder_name(directory: Path) -> str:
-    """The folder's name once written: saves and exports write ``.NAME.tmp-XXXX`` and rename it."""
-    match = re.fullmatch(r"\.(.+)\.tmp-\w+", directory.name)
-    return match.group(1) if match else directory.resolve().name
+    """The folder's name once written (saves and exports write a staging folder and rename it)."""
+    return final_name(directory) or directory.resolve().name
 
 
 def build_folder_card(directory: str | os.PathLike, record: dict | None = None, repo_id: str | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,15 @@ from pathlib import Path
 from .errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
+
+
+STAGING = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-\w+")  # .OUT.tmp-PID-XXXX
+
+
+def final_name(folder: str | os.PathLike) -> str | None:
+    """The output name a staging folder will be renamed to, or None for any other folder."""
+    match = STAGING.fullmatch(Path(folder).name)
+    return match["name"] if match else None
 
 
 def _inside(path: Path, folder: Path) -> bool:

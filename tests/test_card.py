@@ -97,7 +97,7 @@ def test_peer_format_card_needs_no_hfcompress(tmp_path, fmt, readers, record_in_
 
 
 def test_a_folder_being_written_is_named_as_it_will_be(tmp_path):
-    folder, _ = _hand_made_export(tmp_path / ".tiny-ct.tmp-k3j_x9", "compressed-tensors", tmp_path)
+    folder, _ = _hand_made_export(tmp_path / ".tiny-ct.tmp-4242-k3j_x9", "compressed-tensors", tmp_path)
     write_folder_card(folder, repo_id=None)
     assert 'from_pretrained("tiny-ct")' in load_card(folder).text
     write_folder_card(folder, repo_id="me/tiny-ct")
