@@ -260,6 +260,16 @@ def run_compress(args) -> int:
     return 0
 
 
+def _check_writable_file(path: Path) -> None:
+    import os
+
+    if path.is_dir():
+        raise UserError(f"--json {path} is a folder; give a file name, e.g. {path / 'perplexity.json'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--json {path}: {parent} is not a writable folder")
+
+
 def run_eval(args) -> int:
     from .data import check_text_source
     from .evaluation import evaluate_perplexity
@@ -267,6 +277,8 @@ def run_eval(args) -> int:
 
     data = _eval_data(args, model_given=False)
     check_text_source(data)
+    if args.json_file:  # before the evaluation, not after it
+        _check_writable_file(Path(args.json_file))
     model, tokenizer, source = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if not model.can_generate():
         raise UserError(f"perplexity needs a causal language model; {type(model).__name__} is not one")

@@ -92,6 +92,8 @@ def check_output(output: str | os.PathLike, overwrite: bool, sources: Iterable[s
             raise OutputExistsError(f"{output} {what} the input {source}: writing there would delete it; choose "
                                     "another --output")
     recover_output(output)
+    if output.is_symlink():
+        raise OutputExistsError(f"{output} is a link (to {os.readlink(output)}): give the real folder as --output")
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output} exists and is a file, not a folder: choose another --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:

@@ -82,3 +82,30 @@ def test_exports_copy_nothing_linked_from_outside_the_model_folder(tmp_path):
     (saved / "alias.txt").symlink_to(saved / "inside.txt")  # inside the folder: fine
     export_model(saved, "compressed-tensors", tmp_path / "ct")
     assert (tmp_path / "ct" / "alias.txt").read_text() == "ours"
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, tiny_llama_dir, capsys):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main(["compress", str(tiny_llama_dir), "--output", str(tmp_path / "dangling"), "--no-eval"]) == 2
+    assert "is a link" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 50)
+    assert main(["eval", str(tiny_llama_dir), "--json", str(tmp_path / "folder"), "--data", str(text)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(["compress", str(tiny_llama_dir), "--output", str(locked / "out"), "--no-eval"]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_a_bad_kernel_mode_in_the_environment_warns_and_commands_still_run(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HFCOMPRESS_KERNELS": "bogus"}
+    done = subprocess.run([sys.executable, "-m", "hfcompress.cli", "inspect", str(tiny_llama_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "HFCOMPRESS_KERNELS='bogus' is not a kernel mode" in done.stderr

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "reference", "triton")
 _mode = os.environ.get("HFCOMPRESS_KERNELS", "auto")
-if _mode not in MODES:
-    raise ValueError(f"HFCOMPRESS_KERNELS={_mode!r}; valid: {', '.join(MODES)}")
+if _mode not in MODES:  # a typo in the environment must not break every command (inspect, eval ...)
+    logger.warning("HFCOMPRESS_KERNELS=%r is not a kernel mode (valid: %s): using auto", _mode[:40], ", ".join(MODES))
+    _mode = "auto"
 
 
 def current_mode() -> str:
