@@ -172,6 +172,22 @@ def detach_config(model: nn.Module) -> None:
             module.config._is_quantized = False
 
 
+def _check_against_model(recipe: Recipe, model: nn.Module) -> None:
+    """What the recipe asks that this model cannot give, refused before any stage runs."""
+    from .models import ArchitectureError, decoder_blocks
+    from .pruning.layout import PruningError
+
+    for i, stage in enumerate(recipe.stages):
+        if stage.name == "prune" and stage.layers:
+            try:
+                count = len(decoder_blocks(model))
+            except ArchitectureError:
+                continue  # the stage itself says what it cannot find
+            if stage.layers >= count:
+                raise PruningError(f"recipe stages[{i}].prune.layers: {stage.layers} of the model's {count} decoder "
+                                   f"layers; keep at least one (at most {count - 1} can be removed)")
+
+
 @torch.no_grad()
 def _non_finite(model: nn.Module) -> list[str]:
     """Names of the floating-point parameters and buffers holding NaN or infinite values."""
@@ -243,6 +259,7 @@ def compress(
     if any(getattr(stage, "teacher", None) == "original" for stage in recipe.stages):
         logger.info("keeping a copy of the model as it is now, the teacher of the distill stage")
         context.original_model = copy.deepcopy(model).eval()
+    _check_against_model(recipe, model)
     non_finite = _non_finite(model)
     for i, stage in enumerate(recipe.stages, start=1):
         logger.info("stage %d/%d: %s", i, len(recipe.stages), stage.name)

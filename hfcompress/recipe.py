@@ -503,6 +503,13 @@ class Recipe:
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, tuple(STAGES.values())):
                 raise RecipeError(f"recipe stages[{i}]: {shown(stage)} is not a stage; valid stages: {', '.join(STAGES)}")
+        # Packed layers neither train, prune, share nor quantize again: quantize comes once, last.
+        # Checked here so that a misordered recipe fails before the stages before it have run.
+        quantize = [i for i, stage in enumerate(self.stages) if stage.name == "quantize"]
+        if quantize and quantize[0] != len(self.stages) - 1:
+            after = self.stages[quantize[0] + 1]
+            raise RecipeError(f"recipe stages[{quantize[0] + 1}]: {after.name} after quantize; quantize comes once, as "
+                              "the last stage (packed layers do not train, prune, share or quantize again): move it")
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:

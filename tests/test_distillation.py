@@ -156,7 +156,7 @@ def test_prune_distill_quantize_in_one_recipe(tmp_path):
 
 def test_distill_after_quantize_is_refused():
     recipe = {"stages": [{"quantize": {"bits": 8, "group_size": 32}}, {"distill": {"steps": 1, "seq_len": 16}}]}
-    with pytest.raises(hfcompress.errors.UserError, match="before quantize"):
+    with pytest.raises(hfcompress.errors.UserError, match="distill after quantize"):  # by the recipe, before any stage
         hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))
 
 

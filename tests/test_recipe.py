@@ -78,7 +78,7 @@ def recipes(draw):
             lm_head=draw(st.booleans()),
             ignore=draw(st.lists(st.text(min_size=1, max_size=12), max_size=3)),
         )
-        for _ in range(draw(st.integers(1, 3)))
+        for _ in range(1)  # quantize comes once, last
     ]
     amount = st.one_of(st.integers(0, 64), st.floats(0, 0.999))
     if draw(st.booleans()):
@@ -146,3 +146,24 @@ def test_error_messages_quote_a_bounded_part_of_the_value():
     with pytest.raises(RecipeError) as caught:
         Recipe.from_dict({"stages": [{"quantize": {"ignore": [[list(range(10_000))] * 1000]}}]})
     assert len(str(caught.value)) < 400
+
+
+@pytest.mark.parametrize("stages", [
+    [{"quantize": {"bits": 4}}, {"quantize": {"bits": 8}}],
+    [{"quantize": {"bits": 4}}, {"distill": {"steps": 1}}],
+    [{"quantize": {"bits": 4}}, {"prune": {"ffn": 0.5}}],
+])
+def test_stages_after_quantize_are_refused_before_anything_runs(stages):
+    with pytest.raises(RecipeError, match=r"stages\[1\]: .* after quantize; quantize comes once, as the last stage"):
+        Recipe.from_dict({"stages": stages})
+
+
+def test_pruning_more_layers_than_the_model_has_is_refused_before_calibrating():
+    import hfcompress
+    from hfcompress.errors import UserError
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    with pytest.raises(UserError, match=r"prune.layers: 99 of the model's 2 decoder layers; keep at least one"):
+        hfcompress.compress(model, {"stages": [{"prune": {"layers": 99}}]}, calibration_data=None)

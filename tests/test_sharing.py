@@ -397,7 +397,7 @@ def test_mismatched_shapes_are_refused():
 
 
 def test_stage_order_errors():
-    with pytest.raises(SharingError, match="put share before quantize"):
+    with pytest.raises(RecipeError, match=r"share after quantize; quantize comes once, as the last stage"):
         hfcompress.compress(tiny_llama(), {"stages": [{"quantize": {"bits": 4, "group_size": 32}}, {"share": {"every": 2}}]})
     with pytest.raises(PruningError, match="put the prune stage before share"):
         hfcompress.compress(tiny_llama(), {"stages": [{"share": {"every": 2}}, {"prune": {"ffn": 0.25}}]})
