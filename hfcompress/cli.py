@@ -27,6 +27,31 @@ SAVE_FORMATS = ("auto", "native", "compressed-tensors")  # as hfcompress.formats
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse turns the error into exit 2 and one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1 ...)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no such CUDA device "
+                                         f"({torch.cuda.device_count()} visible); use cpu")
+    return text
+
+
 def _add_model_args(parser: argparse.ArgumentParser, dtype_default: str) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
                         help=f"dtype to load the weights in (default: {dtype_default})")
@@ -39,13 +64,13 @@ def _add_eval_args(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--split", default="test", help="dataset split, for dataset names (default: test)")
     parser.add_argument("--config-name", help="dataset configuration, for dataset names")
     parser.add_argument("--text-column", default="text", help="dataset text column (default: text)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default: 2048)")
-    parser.add_argument("--stride", type=int, help="strided windows instead of non-overlapping ones")
-    parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window (default: 2048)")
+    parser.add_argument("--stride", type=_positive, help="strided windows instead of non-overlapping ones")
+    parser.add_argument("--max-windows", type=_positive, help="evaluate only the first N windows")
     parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="what the perplexity forwards compute in (default auto: the model's dtype where the "
                              "hardware has it, else float32; bfloat16/float16: autocast)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "overrides the recipe's calibration.data")
     comp.add_argument("--resume", action="store_true",
                       help="continue an interrupted run from its last finished layer (state in OUTPUT.resume)")
-    comp.add_argument("--device", help="where blocks are computed during calibration, e.g. cuda (default: cpu)")
+    comp.add_argument("--device", type=_device,
+                      help="where blocks are computed during calibration, e.g. cuda (default: cpu)")
     _add_model_args(comp, "bfloat16")
     _add_eval_args(comp, "measure perplexity on this text before and after (default for the bundled model: "
                          "the bundled evaluation text; otherwise no evaluation)")

@@ -153,3 +153,25 @@ def test_calibration_estimate_leaves_the_model_as_it_was():
     assert window > 0 and total == pytest.approx(window * (8 * PASSES_PER_WINDOW + 2))
     after = model.state_dict()
     assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-len", "0"], "--seq-len: 0 must be at least 1"),
+    (["--seq-len", "-5"], "--seq-len: -5 must be at least 1"),
+    (["--stride", "0"], "--stride: 0 must be at least 1"),
+    (["--batch-size", "0"], "--batch-size: 0 must be at least 1"),
+    (["--max-windows", "x"], "--max-windows: 'x' is not a whole number"),
+])
+def test_bad_numbers_on_the_command_line_exit_2_with_one_line(tmp_path, tiny_llama_dir, argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["eval", str(tiny_llama_dir), *argv])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "'bogus' is not a device"),
+                                             ("cuda:7", "no such CUDA device")])
+def test_bad_devices_exit_2_before_loading(tmp_path, tiny_llama_dir, device, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["compress", str(tiny_llama_dir), "--device", device, "--output", str(tmp_path / "o")])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
