@@ -130,20 +130,21 @@ def evaluate_perplexity(
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
     was_training = model.training
     model.eval()
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        # Strided windows can differ in length (the last one); those go one by one.
-        groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[s] for s in batch]
-        for group in groups:
-            inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-            with precision():
+    # Entered once: a lower-precision model's embeddings and head are raised once, not per window.
+    with precision():
+        for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            # Strided windows can differ in length (the last one); those go one by one.
+            groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[s] for s in batch]
+            for group in groups:
+                inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
                 logits = model(input_ids=inputs, use_cache=False).logits
-            for row, (b, e, scored) in enumerate(group):
-                # Token t is predicted by the logits at t - 1; the first token of a window has none.
-                scored = min(scored, e - b - 1)
-                pred = logits[row, -scored - 1 : -1].float()
-                target = inputs[row, -scored:]
-                total_nll += F.cross_entropy(pred, target, reduction="sum").item()
-                total_tokens += scored
+                for row, (b, e, scored) in enumerate(group):
+                    # Token t is predicted by the logits at t - 1; the first token of a window has none.
+                    scored = min(scored, e - b - 1)
+                    pred = logits[row, -scored - 1 : -1].float()
+                    target = inputs[row, -scored:]
+                    total_nll += F.cross_entropy(pred, target, reduction="sum").item()
+                    total_tokens += scored
     model.train(was_training)
     nll = total_nll / total_tokens
     result = PerplexityResult(

@@ -113,22 +113,22 @@ def text_perplexities(model, tokenizer, texts, batch_size=16, add_start_token=Tr
     was_training = model.training
     model.eval()
     perplexities = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        # Padding on the right, whatever the tokenizer's side: every text keeps positions 0..n-1 and
-        # causal attention never reaches the padding after it, so a text scores as it would alone.
-        ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(batch):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        with precision():
+    with precision():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            # Padding on the right, whatever the tokenizer's side: every text keeps positions 0..n-1 and
+            # causal attention never reaches the padding after it, so a text scores as it would alone.
+            ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, tokens in enumerate(batch):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        # Token t is predicted by the logits at t - 1; padding is not scored.
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-        scored = mask[:, 1:]
-        perplexities += torch.exp((nll * scored).sum(1) / scored.sum(1)).tolist()
+            # Token t is predicted by the logits at t - 1; padding is not scored.
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+            scored = mask[:, 1:]
+            perplexities += torch.exp((nll * scored).sum(1) / scored.sum(1)).tolist()
     model.train(was_training)
     return perplexities
 
