@@ -20,7 +20,6 @@ Example (on a folder saved by ``save_pretrained``)::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .data import WIKITEXT2_NAME
 from .errors import CheckpointError
-from .formats.folder import RECORD_KEY
+from .formats.folder import RECORD_KEY, load_config_file
 from .models import linear_shape
 from .output import final_name
 from .recipe import Recipe
@@ -268,7 +267,7 @@ def build_folder_card(directory: str | os.PathLike, record: dict | None = None, 
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json; not a saved model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = load_config_file(config_path)
     fmt = (config.get("quantization_config") or {}).get("quant_method")
     if fmt not in LOADING:
         raise CheckpointError(f"{directory}: no model card for quant_method {fmt!r}; known: hfcompress, "

@@ -36,7 +36,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantization.qlinear import LinearFormat
 from .errors import CheckpointError
-from .recipe import Recipe
+from .recipe import INT_LIMIT, Recipe, shown
 
 QUANT_METHOD = "hfcompress"
 FORMAT_VERSION = 1
@@ -67,6 +67,8 @@ class CompressionConfig(QuantizationConfigMixin):
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method is {quant_method!r}; CompressionConfig reads {QUANT_METHOD!r} only")
+        if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
+            raise ValueError(f"format_version is {shown(format_version)}; hfcompress writes {FORMAT_VERSION}")
         if format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this checkpoint uses hfcompress format version {format_version}, newer than this install "
@@ -102,6 +104,9 @@ class CompressionConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        """The config stored in a checkpoint's ``config.json``: untrusted, so every field is checked
+        (:func:`check_record`) before anything is built from it."""
+        check_record(config_dict)
         try:
             config = cls(**config_dict)
         except (TypeError, ValueError) as err:
@@ -138,3 +143,131 @@ class CompressionConfig(QuantizationConfigMixin):
     def __eq__(self, other):
         return isinstance(other, CompressionConfig) and self.to_dict() == other.to_dict()
 
+
+
+# The fields of a stored config, each with the check its value must pass. A checkpoint is untrusted
+# input: a field of the wrong type, range or shape is refused here, before any module is built or
+# any tensor allocated from it, and no field is ever read as a path (a recipe is stored inline).
+RECORD_KEYS = ("quant_method", "format_version", "recipe", "quantized", "pruned", "shared", "base_model",
+               "license", "metrics", "storage")
+FORMAT_KEYS = ("bits", "group_size", "sym", "act_order", "scale_dtype")
+NAME_LIMIT = 1000  # characters in a module name; real ones are well under 200
+
+
+class _Refused(Exception):
+    """One refused field: where it is, and what was expected."""
+
+
+def _expect(ok: bool, where: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise _Refused(f"{where}: expected {expected}, got {shown(value)}")
+
+
+def _integer(value: Any, where: str, low: int, high: int = INT_LIMIT - 1) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    _expect(ok, where, f"a whole number from {low} to {high:,}", value)
+
+
+def _name(value: Any, where: str) -> None:
+    _expect(isinstance(value, str) and 0 < len(value) <= NAME_LIMIT and not value.startswith(".")
+            and ".." not in value and not value.endswith("."), where, "a dotted module name", value)
+
+
+def _names(value: Any, where: str) -> None:
+    _expect(isinstance(value, list), where, "a list of module names", value)
+    for i, name in enumerate(value):
+        _name(name, f"{where}[{i}]")
+    _expect(len(set(value)) == len(value), where, "each module named once", value)
+
+
+def _check_quantized(groups: Any) -> None:
+    _expect(isinstance(groups, list), "quantized", "a list of format groups", groups)
+    seen: set[str] = set()
+    for i, group in enumerate(groups):
+        where = f"quantized[{i}]"
+        _expect(isinstance(group, dict) and set(group) <= {*FORMAT_KEYS, "modules"} and {"bits", "group_size", "sym", "modules"} <= set(group),
+                where, f"a mapping with keys {', '.join(FORMAT_KEYS)}, modules", group)
+        _expect(group["bits"] in (2, 3, 4, 8) and type(group["bits"]) is int, f"{where}.bits", "2, 3, 4 or 8", group["bits"])
+        size = group["group_size"]
+        _integer(size, f"{where}.group_size", -1)
+        _expect(size != 0, f"{where}.group_size", "-1 (one group per row) or a positive size", size)
+        for key in ("sym", "act_order"):
+            _expect(isinstance(group.get(key, False), bool), f"{where}.{key}", "true or false", group.get(key))
+        _expect(group.get("scale_dtype", "float16") in ("float16", "bfloat16", "float32"), f"{where}.scale_dtype",
+                "float16, bfloat16 or float32", group.get("scale_dtype"))
+        _names(group["modules"], f"{where}.modules")
+        again = seen.intersection(group["modules"])
+        _expect(not again, f"{where}.modules", "each module in one group", sorted(again))
+        seen.update(group["modules"])
+
+
+def _check_pruned(pruned: Any) -> None:
+    _expect(isinstance(pruned, dict) and set(pruned) == {"head_dim", "layers"}, "pruned",
+            "a mapping with keys head_dim, layers", pruned)
+    _integer(pruned["head_dim"], "pruned.head_dim", 1)
+    layers = pruned["layers"]
+    _expect(isinstance(layers, list) and layers, "pruned.layers", "a list of layer sizes", layers)
+    for i, sizes in enumerate(layers):
+        where = f"pruned.layers[{i}]"
+        _expect(isinstance(sizes, dict) and set(sizes) == {"heads", "kv_heads", "ffn"}, where,
+                "a mapping with keys heads, kv_heads, ffn", sizes)
+        _integer(sizes["heads"], f"{where}.heads", 1)
+        _integer(sizes["kv_heads"], f"{where}.kv_heads", 1, sizes["heads"])
+        _integer(sizes["ffn"], f"{where}.ffn", 0)
+
+
+def _check_shared(shared: Any) -> None:
+    _expect(isinstance(shared, dict) and set(shared) <= {"modules", "lora"}, "shared",
+            "a mapping with keys modules, lora", shared)
+    users = shared.get("modules", {})
+    _expect(isinstance(users, dict), "shared.modules", "a mapping {user: owner}", users)
+    for user, owner in users.items():
+        _name(user, "shared.modules key")
+        _name(owner, f"shared.modules[{shown(user)}]")
+        _expect(owner != user and owner not in users, f"shared.modules[{shown(user)}]",
+                "another module, which is not itself a user", owner)
+    lora = shared.get("lora")
+    if lora is not None:
+        _expect(isinstance(lora, dict) and set(lora) == {"rank", "modules"}, "shared.lora",
+                "a mapping with keys rank, modules", lora)
+        _integer(lora["rank"], "shared.lora.rank", 1)
+        _names(lora["modules"], "shared.lora.modules")
+
+
+def check_record(record: Any) -> None:
+    """Raise :class:`CheckpointError` unless ``record`` is a well-formed hfcompress
+    ``quantization_config``: known keys, the exact format version, and every field of the type
+    and range that hfcompress writes. Model-dependent checks (names that exist, sizes that fit)
+    follow when the model is built, still before any weight is allocated."""
+    try:
+        _expect(isinstance(record, dict), "quantization_config", "a mapping", record)
+        unknown = [key for key in record if key not in RECORD_KEYS]
+        _expect(not unknown, "quantization_config", f"only the keys {', '.join(RECORD_KEYS)} (unknown key)", unknown)
+        _expect(record.get("quant_method", QUANT_METHOD) == QUANT_METHOD, "quant_method", repr(QUANT_METHOD),
+                record.get("quant_method"))
+        version = record.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"this checkpoint uses hfcompress format version {version}, newer than this install reads "
+                f"({FORMAT_VERSION}): upgrade hfcompress (pip install -U hfcompress)")
+        _expect(type(version) is int and version == FORMAT_VERSION, "format_version", str(FORMAT_VERSION), version)
+        _expect(record.get("storage", QUANT_METHOD) in STORAGES, "storage", " or ".join(STORAGES), record.get("storage"))
+        # Never a string: in a checkpoint a recipe is the mapping it ran, not a path to open.
+        recipe = record.get("recipe")
+        _expect(recipe is None or isinstance(recipe, dict), "recipe", "the recipe as a mapping (or null)", recipe)
+        if record.get("quantized") is not None:
+            _check_quantized(record["quantized"])
+        if record.get("pruned"):
+            _check_pruned(record["pruned"])
+        if record.get("shared"):
+            _check_shared(record["shared"])
+        for key in ("base_model", "license"):
+            value = record.get(key)
+            _expect(value is None or (isinstance(value, str) and len(value) <= NAME_LIMIT), key, "a short string", value)
+        metrics = record.get("metrics")
+        _expect(metrics is None or (isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics)),
+                "metrics", "a mapping of named metrics", metrics)
+    except _Refused as refused:
+        raise CheckpointError(
+            f"invalid hfcompress quantization_config in config.json: {refused}; the file is corrupt or was "
+            "edited: restore it or save the model again") from None

@@ -555,7 +555,7 @@ class Recipe:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if path.is_file():
-                return cls.from_yaml(path.read_text(encoding="utf-8"))
+                return cls.from_yaml(_read_recipe_file(path))
             bundled = bundled_recipes()
             if str(source) in bundled:
                 return cls.from_yaml(bundled[str(source)].read_text(encoding="utf-8"))
@@ -563,6 +563,20 @@ class Recipe:
                 f"recipe {shown(str(source))} is neither a YAML file nor a bundled recipe; bundled: {', '.join(bundled)}"
             )
         raise RecipeError(f"recipe: expected a Recipe, a dict or a YAML path, got {type(source).__name__}")
+
+
+# A recipe is a few hundred bytes; a file far larger is not one (and is not read whole to find out).
+RECIPE_FILE_LIMIT = 1 << 20
+
+
+def _read_recipe_file(path: Path) -> str:
+    if path.stat().st_size > RECIPE_FILE_LIMIT:
+        raise RecipeError(f"recipe {path}: {path.stat().st_size:,} bytes is not a recipe (at most "
+                          f"{RECIPE_FILE_LIMIT:,}); check the path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {path}: not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
 
 
 def bundled_recipes() -> dict[str, Any]:

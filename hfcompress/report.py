@@ -14,14 +14,13 @@ Example (on a folder saved by ``save_pretrained``)::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from .errors import CheckpointError
 from .formats.checkpoint import read_tensor_headers, stored_names
-from .formats.folder import read_config_dict
+from .formats.folder import load_config_file, read_config_dict
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -119,7 +118,7 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json; not a saved transformers model folder")
-    config = read_config_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    config = read_config_dict(load_config_file(config_path))
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files; hfcompress reads safetensors checkpoints only")

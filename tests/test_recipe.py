@@ -167,3 +167,14 @@ def test_pruning_more_layers_than_the_model_has_is_refused_before_calibrating():
     model = tiny_llama()
     with pytest.raises(UserError, match=r"prune.layers: 99 of the model's 2 decoder layers; keep at least one"):
         hfcompress.compress(model, {"stages": [{"prune": {"layers": 99}}]}, calibration_data=None)
+
+
+def test_a_recipe_file_that_is_not_utf8_or_far_too_big_is_refused(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("stages:\n  - quantize: {bits: 4}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"not UTF-8 text \(byte 38\); save it as UTF-8 YAML"):
+        Recipe.load(latin)
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(RecipeError, match="is not a recipe"):
+        Recipe.load(huge)

@@ -12,6 +12,7 @@ import re
 import struct
 from collections.abc import Iterable
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -139,25 +140,43 @@ def packed_modules(config: dict) -> list[str]:
 
 def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Module, config: CompressionConfig) -> None:
     """Raise :class:`CheckpointError` unless ``files`` hold every packed tensor ``model`` expects."""
-    stored = read_tensor_shapes(files)
-    shapes = {name: stored[key] for name, key in loaded_names(model, stored, config.modules).items()}
+    stored = read_tensor_headers(files)
+    headers = {name: stored[key] for name, key in loaded_names(model, stored, config.modules).items()}
     prefix = getattr(model, "base_model_prefix", "")
-    missing, wrong = [], []
+    missing, wrong, kinds = [], [], []
     for name in config.modules:
         for buffer_name, buffer in model.get_submodule(name).state_dict(keep_vars=True).items():
             key = f"{name}.{buffer_name}"
             candidates = [key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")] if prefix else [key]
-            found = next((shapes[c] for c in candidates if c in shapes), None)
+            found = next((headers[c] for c in candidates if c in headers), None)
             if found is None:
                 missing.append(key)
-            elif found != tuple(buffer.shape):
-                wrong.append(f"{key} {found} (expected {tuple(buffer.shape)})")
-    if missing or wrong:
-        problems = [f"missing {k}" for k in missing[:5]] + [f"wrong shape {w}" for w in wrong[:5]]
+            elif found[1] != tuple(buffer.shape):
+                wrong.append(f"{key} {found[1]} (expected {tuple(buffer.shape)})")
+            elif not _dtype_fits(found[0], buffer.dtype):
+                kinds.append(f"{key} {found[0]} (expected {SAFETENSORS_DTYPES.get(buffer.dtype, buffer.dtype)})")
+    if missing or wrong or kinds:
+        problems = ([f"missing {k}" for k in missing[:5]] + [f"wrong shape {w}" for w in wrong[:5]]
+                    + [f"wrong dtype {k}" for k in kinds[:5]])
         raise CheckpointError(
             f"the checkpoint does not match its hfcompress quantization_config ({len(missing)} tensors missing, "
-            f"{len(wrong)} with wrong shapes: {'; '.join(problems)}); it is incomplete or was edited: re-save it"
+            f"{len(wrong)} with wrong shapes, {len(kinds)} with wrong dtypes: {'; '.join(problems)}); it is "
+            "incomplete or was edited: re-save it"
         )
+
+
+SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                      torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                      torch.bool: "BOOL"}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _dtype_fits(stored: str, expected: torch.dtype) -> bool:
+    """Packed codes and indices load bit for bit, so their integer type must be exact; a float
+    tensor (scales, bias) may be stored in another float precision, which loading converts."""
+    if expected.is_floating_point:
+        return stored in FLOAT_DTYPES
+    return stored == SAFETENSORS_DTYPES.get(expected)
 
 
 def sort_metadata_in_place(path: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from ..config import QUANT_METHOD, check_record
 from ..errors import CheckpointError
 from . import compressed_tensors
 from .checkpoint import stored_names
@@ -54,6 +55,21 @@ def read_config_dict(config: dict) -> dict:
             and isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"):
         config["quantization_config"] = dict(record)
         del config[RECORD_KEY]
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        check_record(quantization)  # untrusted: every field checked before a reader builds on it
+    return config
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A ``config.json`` as a dict; a clear error for a file that is not UTF-8 JSON of a mapping."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a valid JSON config ({str(err)[:200]}); restore the file or save the "
+                              "model again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}; restore the file")
     return config
 
 
@@ -62,7 +78,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; not a saved model folder")
-    return read_config_dict(json.loads(path.read_text(encoding="utf-8")))
+    return read_config_dict(load_config_file(path))
 
 
 def _allowed_roots(folder: Path) -> list[Path]:

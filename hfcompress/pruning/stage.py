@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import CompressionConfig
+from ..errors import CheckpointError
 from ..models import (blocks_path, decoder_blocks, final_norm, keep_inputs, keep_outputs, linear_shape, model_configs,
                       weight_shape)
 from ..recipe import PruneStage
@@ -334,6 +335,18 @@ def rebuild_pruned_structure(model: nn.Module, config: CompressionConfig) -> Non
     blocks = decoder_blocks(model)
     layers = [LayerSizes(**sizes) for sizes in config.pruned["layers"]]
     if len(layers) != len(blocks):
-        raise PruningError(f"quantization_config.pruned describes {len(layers)} layers, the model has {len(blocks)}")
+        raise CheckpointError(f"config.json quantization_config.pruned describes {len(layers)} layers, the model has "
+                              f"{len(blocks)}: the config is corrupt or was edited")
+    # Pruning only removes: each layer's sizes fit inside the unpruned layer the model's config builds.
+    full, head_dim = layout.sizes(blocks[0]), layout.head_dim()
+    if config.pruned["head_dim"] != head_dim:
+        raise CheckpointError(f"config.json quantization_config.pruned.head_dim is {config.pruned['head_dim']}, the "
+                              f"model's is {head_dim}: the config is corrupt or was edited")
+    for i, sizes in enumerate(layers):
+        if (sizes.heads > full.heads or sizes.kv_heads > full.kv_heads or sizes.ffn > full.ffn
+                or sizes.heads % sizes.kv_heads):
+            raise CheckpointError(f"config.json quantization_config.pruned.layers[{i}] is {sizes.to_dict()}, which does "
+                                  f"not fit inside the unpruned layer {full.to_dict()} (or splits key/value groups): "
+                                  "the config is corrupt or was edited")
     for block, sizes in zip(blocks, layers):
         layout.reshape(block, sizes, config.pruned["head_dim"])

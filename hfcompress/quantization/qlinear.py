@@ -54,6 +54,10 @@ class LinearFormat:
     scale_dtype: str = "float16"
 
     def __post_init__(self):
+        if type(self.bits) is not int or type(self.group_size) is not int:
+            raise ValueError(f"bits and group_size must be whole numbers, got {self.bits!r:.40} and {self.group_size!r:.40}")
+        if not isinstance(self.sym, bool) or not isinstance(self.act_order, bool):
+            raise ValueError(f"sym and act_order must be true or false, got {self.sym!r:.40} and {self.act_order!r:.40}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size <= 0:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CompressionConfig
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from ..models import (ArchitectureError, block_names, decoder_blocks, find_fused_experts, find_linear_layers, is_linear,
                       language_model_path, linear_shape, linear_weight, matches, model_configs, output_embedding_names,
                       raw_weights, unfuse_experts)
@@ -256,7 +256,7 @@ def rebuild_quantized_modules(model: nn.Module, config: CompressionConfig) -> No
             module = model.get_submodule(name)
             in_features, out_features = linear_shape(module)
         except (AttributeError, TypeError):
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint's quantization_config names {name!r}, which is not a linear layer of "
                 f"{type(model).__name__}: the config.json does not belong to this model class"
             ) from None

@@ -27,7 +27,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from ..models import LINEAR_TYPES, ArchitectureError, decoder_blocks, linear_shape, linear_weight
 from ..models.layout import common_layout
 
@@ -190,9 +190,40 @@ def rebuild_shared_structure(model: nn.Module, record: dict | None) -> None:
         return
     lora = record.get("lora")
     for name in (lora or {}).get("modules", []):
-        model.set_submodule(name, SharedLinearDelta(model.get_submodule(name), lora["rank"]))
+        base = _stored_module(model, name, "shared.lora.modules")
+        try:
+            width = min(linear_shape(base))
+        except (AttributeError, TypeError):
+            raise CheckpointError(f"config.json quantization_config.shared.lora names {name!r}, which is not a "
+                                  f"linear layer of {type(model).__name__}: the config does not belong to this model") from None
+        if lora["rank"] > width:
+            raise CheckpointError(f"config.json quantization_config.shared.lora.rank is {lora['rank']}, more than "
+                                  f"{name}'s smaller side ({width}): the config is corrupt or was edited")
+        model.set_submodule(name, SharedLinearDelta(base, lora["rank"]))
+    for user, owner in record.get("modules", {}).items():
+        _check_same_shapes(model, user, owner)
     patterns = {rf"^{re.escape(user)}\." for user in record.get("modules", {})}
     model._keys_to_ignore_on_load_missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()) | patterns
+
+
+def _stored_module(model: nn.Module, name: str, field: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"config.json quantization_config.{field} names {name!r}, which "
+                              f"{type(model).__name__} does not have: the config does not belong to this model") from None
+
+
+def _check_same_shapes(model: nn.Module, user: str, owner: str) -> None:
+    """A user takes its owner's module after loading: both must be the same kind and shape."""
+    used, owned = (_stored_module(model, name, "shared.modules") for name in (user, owner))
+
+    def shapes(module: nn.Module) -> dict:
+        return {k: tuple(t.shape) for k, t in chain(module.named_parameters(), module.named_buffers())}
+
+    if type(used) is not type(owned) or shapes(used) != shapes(owned):
+        raise CheckpointError(f"config.json quantization_config.shared.modules: {user} cannot share {owner}'s "
+                              "weights (a different kind or shape of layer): the config is corrupt or was edited")
 
 
 def shared_tensor_names(model: nn.Module) -> dict[str, str]:
