@@ -242,16 +242,24 @@ def _announce_calibration(model, recipe, device, data=None) -> None:
 
 
 def run_compress(args) -> int:
-    from . import compress
-    from .data import check_text_source, describe_text_source
-    from .evaluation import evaluate_perplexity
-    from .io import check_output, load_model, load_processor, read_license, save_compressed
+    from .io import check_output
+    from .output import output_lock
     from .recipe import Recipe
 
     recipe = Recipe.load(args.recipe)  # validate before the slow steps
     output = Path(args.output) if args.output else _default_output(args.model, args.recipe)
     sources = [args.model] if args.model and Path(args.model).exists() else []  # never written over
     check_output(output, args.overwrite, sources)
+    with output_lock(output):  # one run per output, from here to the final rename
+        return _compress_to(args, recipe, output, sources)
+
+
+def _compress_to(args, recipe, output: Path, sources: list) -> int:
+    from . import compress
+    from .data import check_text_source, describe_text_source
+    from .evaluation import evaluate_perplexity
+    from .io import load_model, load_processor, read_license, save_compressed
+
     resume_dir = Path(f"{output}.resume")
     if resume_dir.exists() and not args.resume:
         raise UserError(f"{resume_dir} holds an interrupted run: pass --resume to continue it, or delete it to start over")

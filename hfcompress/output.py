@@ -8,10 +8,16 @@ it back, and removes staging folders that no live run holds.
 
 An output is refused when it is a model the run reads, or a folder holding one: ``--overwrite``
 would delete the input before the output exists.
+
+One run writes an output at a time: :func:`output_lock` holds ``.OUT.lock`` (an advisory
+``flock``, released by the kernel however the holder ends) from the first check to the final
+rename; a second run fails at once, naming the holder's PID.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -21,9 +27,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, UserError
 
 logger = logging.getLogger(__name__)
+
+
+class OutputLockedError(UserError, BlockingIOError):
+    """Another run is writing the same output."""
 
 
 STAGING = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-\w+")  # .OUT.tmp-PID-XXXX
@@ -61,6 +71,7 @@ def recover_output(output: str | os.PathLike) -> None:
     parent = output.parent
     if not parent.is_dir():
         return
+    _drop_stale_lock(output)
     for aside in sorted(parent.glob(f".{output.name}.old-*")):
         if _alive(aside):
             continue
@@ -109,8 +120,12 @@ def atomic_output(output: str | os.PathLike, overwrite: bool = False,
                   sources: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces ``output`` (see the module docstring), on any
     error or interruption it is removed and ``output`` stays as it was."""
-    output = check_output(output, overwrite, sources)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(output, overwrite, sources)  # the clear refusals, before the lock creates a missing parent
+    with output_lock(output):
+        yield from _replace(check_output(output, overwrite, sources))  # again: no other run writes now
+
+
+def _replace(output: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -127,3 +142,73 @@ def atomic_output(output: str | os.PathLike, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_held: dict[Path, tuple[int, int]] = {}  # lock path -> (file descriptor, depth): this process's locks
+
+
+def _lock_path(output: Path) -> Path:
+    output = output.absolute()
+    return output.parent / f".{output.name}.lock"
+
+
+def _drop_stale_lock(output: Path) -> None:
+    """Remove the lock file of a run that was killed (the kernel released its lock, the file stayed)."""
+    path = _lock_path(output)
+    if path in _held or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # held: a live run
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock of ``output`` (re-entrant within a process); refuse at once when another
+    process holds it. The lock file goes when the holder releases it."""
+    path = _lock_path(Path(output))
+    if path in _held:
+        fd, depth = _held[path]
+        _held[path] = (fd, depth + 1)
+        try:
+            yield path
+        finally:
+            fd, depth = _held[path]
+            _held[path] = (fd, depth - 1)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputLockedError(f"{output} is being written by another hfcompress run (PID {holder}): wait for it "
+                                    f"to finish or stop it (its lock is {path})") from None
+        # The holder before us may have removed the file after we opened it: lock the file that is there.
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[path] = (fd, 1)
+    try:
+        yield path
+    finally:
+        del _held[path]
+        path.unlink(missing_ok=True)  # while still locked: a waiting run then sees a fresh file
+        os.close(fd)

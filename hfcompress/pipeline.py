@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -24,6 +25,7 @@ from torch import nn
 
 from .config import CompressionConfig
 from .errors import StageError
+from .output import output_lock
 from .pruning.stage import apply_prune_stage
 from .quantization.stage import apply_quantize_stage
 from .recipe import CalibrationConfig, Recipe
@@ -261,11 +263,13 @@ def compress(
         context.original_model = copy.deepcopy(model).eval()
     _check_against_model(recipe, model)
     non_finite = _non_finite(model)
-    for i, stage in enumerate(recipe.stages, start=1):
-        logger.info("stage %d/%d: %s", i, len(recipe.stages), stage.name)
-        context.stage_index = i - 1
-        STAGE_RUNNERS[stage.name](model, stage, config, context)
-        _check_finite(model, f"stage {i} ({stage.name})", non_finite)
+    # Two runs resuming from one folder would overwrite each other's blocks: one at a time.
+    with output_lock(resume_dir) if resume_dir is not None else contextlib.nullcontext():
+        for i, stage in enumerate(recipe.stages, start=1):
+            logger.info("stage %d/%d: %s", i, len(recipe.stages), stage.name)
+            context.stage_index = i - 1
+            STAGE_RUNNERS[stage.name](model, stage, config, context)
+            _check_finite(model, f"stage {i} ({stage.name})", non_finite)
     context.original_model = None
     register_shared_tensors(model)  # each shared tensor is saved once
     model.hfcompress_config = config  # what was done, also when nothing needs recording in config.json

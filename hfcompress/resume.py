@@ -12,16 +12,20 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .quantization.qlinear import LinearFormat, QuantLinear
 
 logger = logging.getLogger(__name__)
+
+HIDDEN = re.compile(r"hidden_\d{4}\.safetensors")  # the only file names state.json may hold
 
 
 def fingerprint(*parts) -> str:
@@ -55,34 +59,59 @@ class ResumeState:
     def _state_file(self) -> Path:
         return self.folder / "state.json"
 
-    def done(self) -> int:
-        """How many blocks a previous run finished (0 when there is nothing to resume)."""
-        if not self._state_file.exists():
-            return 0
-        state = json.loads(self._state_file.read_text())
+    def _corrupt(self, why: str) -> UserError:
+        return UserError(f"{self.folder.parent} is corrupt ({why}): delete {self.folder.parent} to start over, or "
+                         "rerun with the output of the run that wrote it")
+
+    def _read_state(self) -> dict:
+        """``state.json``, checked: every block it counts saved beside it, every name one of ours."""
+        try:
+            state = json.loads(self._state_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._corrupt(f"state.json unreadable: {str(err)[:120]}") from None
+        shape = {"key": str, "blocks_done": int, "blocks": dict, "modules": dict, "in_features": dict}
+        if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in shape.items()):
+            raise self._corrupt("state.json lacks its fields")
         if state.get("key") != self.key:
             raise UserError(
                 f"{self.folder} holds the state of a run with other arguments (model, recipe or calibration "
                 "data differ): delete it to start over"
             )
-        return int(state["blocks_done"])
+        done, hidden = state["blocks_done"], state.get("hidden")
+        if hidden is not None and not (isinstance(hidden, str) and HIDDEN.fullmatch(hidden)):
+            raise self._corrupt(f"state.json names {hidden!r:.60} as hidden states")
+        for block in range(done):
+            if not (self.folder / f"block_{block:04d}.safetensors").is_file() or str(block) not in state["blocks"]:
+                raise self._corrupt(f"state.json counts {done} finished blocks, block {block} is missing")
+        if hidden and not (self.folder / hidden).is_file():
+            raise self._corrupt(f"{hidden} is missing")
+        return state
+
+    def done(self) -> int:
+        """How many blocks a previous run finished (0 when there is nothing to resume)."""
+        if not self._state_file.exists():
+            return 0
+        return self._read_state()["blocks_done"]
 
     def restore(self, model: torch.nn.Module, hidden: torch.Tensor | None = None) -> dict[str, LinearFormat]:
         """Put the finished blocks' packed modules into ``model`` and the saved hidden states into
         ``hidden`` (a chained walk; a replayed one recomputes them)."""
-        state = json.loads(self._state_file.read_text())
+        state = self._read_state()
         restored = {}
-        for block in range(state["blocks_done"]):
-            tensors = load_file(self.folder / f"block_{block:04d}.safetensors")
-            for name in state["blocks"][str(block)]:
-                fmt = LinearFormat(**state["modules"][name])
-                own = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
-                module = QuantLinear(state["in_features"][name], own["qweight"].shape[1], fmt, bias="bias" in own)
-                module.load_state_dict(own, strict=True, assign=True)  # keep the saved dtypes
-                model.set_submodule(name, module)
-                restored[name] = fmt
-        if hidden is not None and state["hidden"]:
-            hidden.copy_(load_file(self.folder / state["hidden"])["hidden"])
+        try:
+            for block in range(state["blocks_done"]):
+                tensors = load_file(self.folder / f"block_{block:04d}.safetensors")
+                for name in state["blocks"][str(block)]:
+                    fmt = LinearFormat(**state["modules"][name])
+                    own = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+                    module = QuantLinear(state["in_features"][name], own["qweight"].shape[1], fmt, bias="bias" in own)
+                    module.load_state_dict(own, strict=True, assign=True)  # keep the saved dtypes
+                    model.set_submodule(name, module)
+                    restored[name] = fmt
+            if hidden is not None and state["hidden"]:
+                hidden.copy_(load_file(self.folder / state["hidden"])["hidden"])
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise self._corrupt(f"{type(err).__name__}: {str(err)[:160]}") from None
         logger.info("resumed from %s: %d blocks already done", self.folder, state["blocks_done"])
         return restored
 

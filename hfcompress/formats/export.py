@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..output import atomic_output, check_output
+from ..output import atomic_output, check_output, output_lock
 from . import compressed_tensors
 from .checkpoint import loaded_names, packed_modules, skeleton, sort_metadata_in_place
 from .folder import RECORD_KEY, model_files, read_native
@@ -331,6 +331,11 @@ def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike,
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORTERS)}")
     folder, output = Path(folder), Path(output)
     check_output(output, overwrite, sources=[folder])
+    with output_lock(output):
+        return _export(folder, fmt, output)
+
+
+def _export(folder: Path, fmt: str, output: Path) -> Path:
     native_config, native_tensors = read_native(folder)
     record = native_config["quantization_config"]  # what hfcompress did, for the card
     try:
