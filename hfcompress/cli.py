@@ -338,8 +338,10 @@ def run_export(args) -> int:
 
 
 def run_inspect(args) -> int:
+    from .output import recover_output
     from .report import format_summary, summarize_folder
 
+    recover_output(args.folder)  # an output a killed run left half-replaced is put back first (and said so)
     summary = summarize_folder(args.folder)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

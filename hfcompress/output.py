@@ -79,11 +79,12 @@ def recover_output(output: str | os.PathLike) -> None:
         if kept.is_dir() and not output.exists():
             kept.rename(output)
             logger.warning("%s: restored the previous output, left aside by an interrupted replacement", output)
-        if not (aside / output.name).exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            logger.warning("%s holds an earlier output left aside (the current one is complete): delete it when "
-                           "you no longer need it", aside)
+        elif kept.exists():
+            # The new output was renamed into place (the commit point) before the run was killed:
+            # the old one is what the run was asked to replace, and would have deleted next.
+            logger.warning("%s: removing the output it replaced, left aside by a run killed just after the "
+                           "replacement", output)
+        shutil.rmtree(aside, ignore_errors=True)
     for staging in sorted(parent.glob(f".{output.name}.tmp-*")):
         if _alive(staging):
             continue
