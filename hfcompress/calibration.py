@@ -54,22 +54,55 @@ def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def calibration_windows(tokenizer, data, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_windows(tokenizer, data, samples: int, seq_len: int, seed: int,
+                        vocab_size: int | None = None) -> torch.Tensor:
     """Token windows ``[samples, seq_len]`` from text (file, folder, dataset) or ready token ids.
 
     A 2-D tensor, or a ``.safetensors`` file holding one named ``input_ids``, is taken as windows
-    already cut, and used whole.
+    already cut, and used whole; its ids are checked against ``vocab_size`` (the model's).
     """
+    what = "the calibration windows"
     if isinstance(data, (str, os.PathLike)) and str(data).endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        tensors = load_file(data)
-        if "input_ids" not in tensors or tensors["input_ids"].dim() != 2:
-            raise DataError(f"{data}: expected a tensor named input_ids of shape [windows, seq_len]")
-        data = tensors["input_ids"]
+        windows_file_shape(data)  # a clear error for a file that is not windows
+        what = str(data)
+        with safe_open(data, "pt") as handle:
+            data = handle.get_tensor("input_ids")
     if isinstance(data, torch.Tensor) and data.dim() == 2:
-        return data.long()
+        return check_token_ids(data, vocab_size, what)
     return sample_windows(tokenize(tokenizer, data), samples, seq_len, seed)
+
+
+def windows_file_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """``(windows, seq_len)`` of a ``.safetensors`` file of ready windows, from its header alone;
+    a clear error when it is unreadable or holds no 2-D ``input_ids``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as handle:
+            shape = handle.get_slice("input_ids").get_shape() if "input_ids" in handle.keys() else None
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{path}: truncated or corrupt safetensors file ({str(err)[:160]}); write it again") from None
+    if shape is None or len(shape) != 2:
+        raise DataError(f"{path}: expected a tensor named input_ids of shape [windows, seq_len]")
+    return shape[0], shape[1]
+
+
+def check_token_ids(windows: torch.Tensor, vocab_size: int | None, what: str) -> torch.Tensor:
+    """``windows`` as int64, refused unless they are whole token ids the model has: an id past
+    the embedding table fails deep inside the forward pass with an indexing error."""
+    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
+        raise DataError(f"{what}: token ids must be integers, not {str(windows.dtype).removeprefix('torch.')}")
+    if windows.numel() == 0:
+        raise DataError(f"{what}: no token ids (shape {list(windows.shape)}); give at least one window")
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        limit = f"0..{vocab_size - 1}" if vocab_size is not None else "0 or more"
+        raise DataError(f"{what}: token id {bad} is outside the model's vocabulary ({limit}); were they made with "
+                        "this model's tokenizer?")
+    return windows.long()
 
 
 class _StopForward(Exception):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .config import recorded_stages
 from .data import WIKITEXT2_NAME
 from .errors import CheckpointError
 from .formats.folder import RECORD_KEY, load_config_file
@@ -140,14 +141,14 @@ def base_model_relation(record: dict) -> str | None:
     >>> base_model_relation({"recipe": {"stages": [{"prune": {"ffn": 0.25}}, {"quantize": {"bits": 4}}]}})
     'finetune'
     """
-    names = [next(iter(stage)) for stage in (record.get("recipe") or {}).get("stages", [])]
+    names = [name for name, _ in recorded_stages(record)]
     names += ["prune"] * bool(record.get("pruned")) + ["share"] * bool(record.get("shared"))
     relations = {RELATION_OF_STAGE[name] for name in names if name in RELATION_OF_STAGE}
     return next((relation for relation in RELATION_ORDER if relation in relations), None)
 
 
 def _stages(record: dict) -> list[tuple[str, dict]]:
-    return [next(iter(stage.items())) for stage in (record.get("recipe") or {}).get("stages", [])]
+    return recorded_stages(record)
 
 
 def _describe_stage(name: str, options: dict) -> str:

@@ -209,13 +209,9 @@ def _calibration_shape(calibration, data) -> tuple[int, int]:
     """``(windows, tokens per window)`` the calibration will use: a file of ready windows is used whole."""
     data = data or calibration.data
     if isinstance(data, str) and data.endswith(".safetensors") and Path(data).is_file():
-        from safetensors import safe_open
+        from .calibration import windows_file_shape
 
-        with safe_open(data, "pt") as f:
-            if "input_ids" in f.keys():
-                shape = f.get_slice("input_ids").get_shape()
-                if len(shape) == 2:
-                    return shape[0], shape[1]
+        return windows_file_shape(data)
     return calibration.samples, calibration.seq_len
 
 
@@ -265,6 +261,10 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
         raise UserError(f"{resume_dir} holds an interrupted run: pass --resume to continue it, or delete it to start over")
     if args.calibration_data:
         check_text_source(args.calibration_data)
+        if args.calibration_data.endswith(".safetensors"):
+            from .calibration import windows_file_shape
+
+            windows_file_shape(args.calibration_data)  # before the model loads
     data = None if args.no_eval else _eval_data(args, args.model is not None)
     check_text_source(data)
     model, tokenizer, source = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -358,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)  # main() called again in one process logs once, to its own stderr
+
+
+def _run(args) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as err:

@@ -36,7 +36,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantization.qlinear import LinearFormat
 from .errors import CheckpointError
-from .recipe import INT_LIMIT, Recipe, shown
+from .recipe import INT_LIMIT, Recipe, RecipeError, shown
 
 QUANT_METHOD = "hfcompress"
 FORMAT_VERSION = 1
@@ -255,7 +255,12 @@ def check_record(record: Any) -> None:
         # Never a string: in a checkpoint a recipe is the mapping it ran, not a path to open.
         recipe = record.get("recipe")
         _expect(recipe is None or isinstance(recipe, dict), "recipe", "the recipe as a mapping (or null)", recipe)
-        if record.get("quantized") is not None:
+        if recipe is not None:
+            try:
+                Recipe.from_dict(recipe)
+            except RecipeError as err:
+                raise _Refused(f"recipe: {err}") from None
+        if "quantized" in record:
             _check_quantized(record["quantized"])
         if record.get("pruned"):
             _check_pruned(record["pruned"])
@@ -271,3 +276,12 @@ def check_record(record: Any) -> None:
         raise CheckpointError(
             f"invalid hfcompress quantization_config in config.json: {refused}; the file is corrupt or was "
             "edited: restore it or save the model again") from None
+
+
+def recorded_stages(record: dict) -> list[tuple[str, dict]]:
+    """``[(stage name, options as written)]`` of the recipe a record holds, for readers that
+    describe it (a stage written by its name alone has no options). ``record`` has passed
+    :func:`check_record`, so each stage is a name or a one-key mapping."""
+    stages = (record.get("recipe") or {}).get("stages") or []
+    named = [(stage, None) if isinstance(stage, str) else next(iter(stage.items())) for stage in stages]
+    return [(name, options or {}) for name, options in named]

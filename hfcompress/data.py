@@ -117,20 +117,25 @@ def load_text(data: Any, *, split: str = "test", config_name: str | None = None,
     check_text_source(data)
     path = Path(data).expanduser()
     if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text ({err})") from None
+        return _read_utf8(path)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _join_rows(_pick_split(datasets.load_from_disk(os.fspath(path)), split), text_column)
         files = sorted(path.glob("*.txt"))
         if files:
-            return SEPARATOR.join(f.read_text(encoding="utf-8") for f in files)
+            return SEPARATOR.join(_read_utf8(f) for f in files)
     name = os.fspath(data)
     if name in DATASET_ALIASES:
         name, config_name, split = DATASET_ALIASES[name]
     return _load_dataset(name, split, config_name, text_column)
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}); "
+                        "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out") from None
 
 
 def _load_dataset(name: str, split: str, config_name: str | None, text_column: str) -> str:

@@ -54,7 +54,8 @@ def tokenize(tokenizer, data: Any, **text_kwargs) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.flatten().long()
     if tokenizer is None:
-        raise ValueError("a tokenizer is needed to evaluate text (pass token ids to go without one)")
+        raise DataError("a tokenizer is needed to read text and none came with the model: save one beside it "
+                        "(tokenizer.save_pretrained(folder)), or pass token ids")
     text = load_text(data, **text_kwargs)
     # The text is tokenized whole, as in the GPTQ protocol: mark the "longer than the model's maximum
     # length" warning as already given, since windows are cut afterwards.

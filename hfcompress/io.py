@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,16 @@ def load_model(
         raise
     except SafetensorError as err:
         raise CheckpointError(f"{resolved.path}: truncated or corrupt safetensors file ({err}); re-save or re-download it") from None
+    except (ValueError, IndexError, KeyError, EOFError, struct.error) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        if "trust_remote_code" in str(err):
+            raise ModelSourceError(f"{os.fspath(source)!r} runs its own Python code to load, which hfcompress does not "
+                                   "run unless asked: read that code, then pass --trust-remote-code "
+                                   "(trust_remote_code=True) if you trust it") from None
+        if resolved.gguf_file:
+            raise ModelSourceError(f"{Path(resolved.path) / resolved.gguf_file}: not a GGUF file transformers can read "
+                                   f"({first}); re-download it, or convert the model again") from None
+        raise
     except (OSError, json.JSONDecodeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = (" (the Hugging Face Hub may be unreachable: pass a local folder or .gguf file)"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import CompressionConfig
-from .errors import StageError
+from .errors import DataError, StageError
 from .output import output_lock
 from .pruning.stage import apply_prune_stage
 from .quantization.stage import apply_quantize_stage
@@ -49,6 +49,7 @@ class CompressionContext:
     device: torch.device | None = None
     stage_index: int = 0
     original_model: nn.Module | None = None  # the model before the first stage, for ``teacher: original``
+    vocab_size: int | None = None  # rows of the model's input embeddings: the token ids it accepts
     _windows: torch.Tensor | None = None
 
     def text_source(self):
@@ -68,14 +69,14 @@ class CompressionContext:
                 data = bundled_text("calibration")
                 logger.info("no calibration data given: using the bundled text %s", data)
             self._windows = calibration_windows(self._get_tokenizer(data), data, self.calibration.samples,
-                                                self.calibration.seq_len, self.calibration.seed)
+                                                self.calibration.seq_len, self.calibration.seed, self.vocab_size)
             logger.info("calibration: %d windows of %d tokens", *self._windows.shape)
         return self._windows
 
     def _get_tokenizer(self, data):
         if self.tokenizer is None and not isinstance(data, torch.Tensor):
             if self.tokenizer_source is None:
-                raise ValueError("calibration text needs a tokenizer: pass tokenizer= to compress() (or token windows)")
+                raise DataError("calibration text needs a tokenizer: pass tokenizer= to compress() (or token windows)")
             from transformers import AutoTokenizer
 
             path, kwargs = self.tokenizer_source
@@ -212,6 +213,15 @@ def _check_finite(model: nn.Module, what: str, before: list[str]) -> None:
                          "the stage's numbers (learning rate, temperature, loss weights)")
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str | os.PathLike,
@@ -257,6 +267,7 @@ def compress(
         tokenizer_source=(source, {}) if source else None,
         resume_dir=Path(resume_dir) if resume_dir is not None else None,
         device=torch.device(device) if device is not None else None,
+        vocab_size=_vocab_size(model),
     )
     if any(getattr(stage, "teacher", None) == "original" for stage in recipe.stages):
         logger.info("keeping a copy of the model as it is now, the teacher of the distill stage")

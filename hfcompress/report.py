@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from .config import recorded_stages
 from .errors import CheckpointError
 from .formats.checkpoint import read_tensor_headers, stored_names
 from .formats.folder import load_config_file, read_config_dict
@@ -183,9 +184,8 @@ def summarize_folder(directory: str | os.PathLike, linear_shapes: dict[str, tupl
     tensor_bytes = sum(e["bytes"] for e in by_type.values())
     methods = []
     if qconfig.get("quant_method") == "hfcompress":
-        for stage in (qconfig.get("recipe") or {}).get("stages", []):
-            (name, options), = stage.items()
-            methods.append(f"{name}:{options.get('method', name)}" if name == "quantize" else name)
+        for name, options in recorded_stages(qconfig):
+            methods.append(f"{name}:{options.get('method', 'rtn')}" if name == "quantize" else name)
     elif qconfig:
         methods.append(str(qconfig.get("quant_method")))
     return {

@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..config import QUANT_METHOD, check_record
@@ -124,7 +125,11 @@ def read_native(folder: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{folder} was not saved by hfcompress (no hfcompress quantization record in config.json)")
     tensors = {}
     for file in safetensors_files(folder):
-        tensors.update(load_file(file))
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({str(err)[:160]}); re-save or "
+                                  "re-download the model") from None
     if qconfig.get("storage") == "compressed-tensors":
         file_names = stored_names(folder, config, tensors)  # {name in the model: name in the file}
         for group in qconfig.get("quantized", []):
