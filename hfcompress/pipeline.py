@@ -26,10 +26,13 @@ from torch import nn
 from .config import CompressionConfig
 from .errors import DataError, StageError
 from .output import output_lock
+from .models import ArchitectureError, decoder_blocks, matches
+from .pruning.layout import PruningError, layout_of
+from .pruning.select import remove_count
 from .pruning.stage import apply_prune_stage
 from .quantization.stage import apply_quantize_stage
 from .recipe import CalibrationConfig, Recipe
-from .sharing.layers import register_shared_tensors
+from .sharing.layers import SharingError, check_groups, groups_of, register_shared_tensors
 from .sharing.stage import apply_share_stage
 
 logger = logging.getLogger(__name__)
@@ -176,19 +179,56 @@ def detach_config(model: nn.Module) -> None:
 
 
 def _check_against_model(recipe: Recipe, model: nn.Module) -> None:
-    """What the recipe asks that this model cannot give, refused before any stage runs."""
-    from .models import ArchitectureError, decoder_blocks
-    from .pruning.layout import PruningError
-
+    """What the recipe asks that this model cannot give, refused before any stage runs (a late
+    stage would otherwise fail after the calibration of the earlier ones): counts of layers, heads,
+    FFN and hidden channels to prune, layer groups to share; ignore patterns that match nothing
+    are said at once. Sizes are known until the first prune stage changes them; layer counts
+    through every stage."""
+    try:
+        count = len(decoder_blocks(model))
+    except ArchitectureError:
+        return  # the stages themselves say what they cannot find
+    sizes_known = True
     for i, stage in enumerate(recipe.stages):
-        if stage.name == "prune" and stage.layers:
-            try:
-                count = len(decoder_blocks(model))
-            except ArchitectureError:
-                continue  # the stage itself says what it cannot find
+        where = f"recipe stages[{i}].{stage.name}"
+        if stage.name == "prune":
             if stage.layers >= count:
-                raise PruningError(f"recipe stages[{i}].prune.layers: {stage.layers} of the model's {count} decoder "
-                                   f"layers; keep at least one (at most {count - 1} can be removed)")
+                raise PruningError(f"{where}.layers: {stage.layers} of the model's {count} decoder layers; keep at "
+                                   f"least one (at most {count - 1} can be removed)")
+            if sizes_known and (stage.heads or stage.ffn or stage.hidden):
+                _check_prune_amounts(model, stage, where)
+            count -= stage.layers
+            sizes_known = False
+        elif stage.name == "share" and (stage.layers is not None or stage.every):
+            try:
+                check_groups(stage.layers if stage.layers is not None else groups_of(stage.every, count), count)
+            except SharingError as err:
+                raise SharingError(f"{where}: {err}") from None
+        elif stage.name == "quantize" and stage.ignore:
+            names = [name for name, _ in model.named_modules()]
+            unused = [p for p in stage.ignore if not any(matches(name, [p]) for name in names)]
+            if unused:
+                logger.warning("%s.ignore: %s match%s no module of %s (check the spelling)", where,
+                               ", ".join(map(repr, unused)), "es" if len(unused) == 1 else "", type(model).__name__)
+
+
+def _check_prune_amounts(model: nn.Module, stage, where: str) -> None:
+    """The amounts of the first prune stage against the model's sizes: none may remove everything."""
+    try:
+        layout = layout_of(model, mlp=bool(stage.ffn or stage.hidden))
+    except PruningError:
+        return  # the stage says why this model cannot be pruned so
+    sizes = layout.sizes(decoder_blocks(model)[0])
+    try:
+        if stage.heads:
+            unit = sizes.heads // sizes.kv_heads if stage.gqa == "groups" else sizes.kv_heads
+            remove_count(stage.heads, sizes.heads, unit, "heads", log=False)
+        if stage.ffn:
+            remove_count(stage.ffn, sizes.ffn, 1, "FFN channels", log=False)
+        if stage.hidden:
+            remove_count(stage.hidden, model.get_input_embeddings().weight.shape[1], 1, "hidden channels", log=False)
+    except PruningError as err:
+        raise PruningError(f"{where}.{err}") from None
 
 
 @torch.no_grad()

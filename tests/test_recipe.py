@@ -178,3 +178,32 @@ def test_a_recipe_file_that_is_not_utf8_or_far_too_big_is_refused(tmp_path):
     huge.write_bytes(b"#" * (2 << 20))
     with pytest.raises(RecipeError, match="is not a recipe"):
         Recipe.load(huge)
+
+
+@pytest.mark.parametrize("stages, error", [
+    ([{"prune": {"heads": 9}}], r"stages\[0\]\.prune\.heads: cannot remove 9 of 6"),
+    ([{"prune": {"heads": 0.99}}], r"stages\[0\]\.prune\.heads: removing 6 of 6 leaves none"),
+    ([{"prune": {"ffn": 160}}], r"stages\[0\]\.prune\.FFN channels: removing 160 of 160 leaves none"),
+    ([{"prune": {"layers": 1}}, {"share": {"layers": [[0, 1]]}}],
+     r"stages\[1\]\.share: share layers: layer 1 does not exist; the model has 1 decoder layers"),
+    ([{"prune": {"ffn": 0.25}}, {"share": {"layers": [[0, 5]]}}], r"stages\[1\]\.share: .*layer 5 does not exist"),
+])
+def test_recipe_amounts_the_model_cannot_give_fail_before_any_stage_runs(stages, error):
+    import hfcompress
+    from hfcompress.errors import UserError
+
+    from conftest import tiny_llama
+
+    # No calibration data and no tokenizer: a stage that started calibrating would fail otherwise.
+    with pytest.raises(UserError, match=error):
+        hfcompress.compress(tiny_llama(), {"stages": stages}, calibration_data=None)
+
+
+def test_an_ignore_pattern_that_matches_nothing_is_said_before_quantizing(caplog):
+    import hfcompress
+
+    from conftest import tiny_llama
+
+    with caplog.at_level("WARNING"):
+        hfcompress.compress(tiny_llama(), {"stages": [{"quantize": {"ignore": ["mlp.down_prj", "lm_head"]}}]})
+    assert "stages[0].quantize.ignore: 'mlp.down_prj' matches no module of LlamaForCausalLM" in caplog.text

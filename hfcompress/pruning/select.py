@@ -31,13 +31,14 @@ from .layout import LayerSizes, PruningError
 logger = logging.getLogger(__name__)
 
 
-def remove_count(amount: float | int, total: int, unit: int, what: str) -> int:
-    """How many of ``total`` items to remove, a multiple of ``unit``, from a fraction or a count."""
+def remove_count(amount: float | int, total: int, unit: int, what: str, log: bool = True) -> int:
+    """How many of ``total`` items to remove, a multiple of ``unit``, from a fraction or a count
+    (``log``: say when it rounds; a check before the stage runs stays quiet)."""
     wanted = amount * total if isinstance(amount, float) else amount
     if isinstance(amount, int) and amount > total:
         raise PruningError(f"{what}: cannot remove {amount} of {total}: a layer has only {total} {what}")
     units = round(wanted / unit)
-    if units * unit != wanted:
+    if units * unit != wanted and log:
         # 0.3334 of 9 heads is 3 for all purposes: only a real rounding is a warning.
         level = logging.WARNING if abs(units * unit - wanted) >= 0.05 * unit else logging.INFO
         logger.log(level, "%s: removing %s of %d is not a whole number of units of %d; rounding to %d",
