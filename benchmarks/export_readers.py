@@ -64,7 +64,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfcompress
-    from hfcompress.formats.export import export_model
+    from hfcompress.export import export_model
     from hfcompress.quantization import dispatch
 
     work = Path(tempfile.mkdtemp(prefix="export-readers-"))

@@ -267,7 +267,7 @@ def main(argv=None) -> int:
 
     import hfcompress
     from hfcompress.errors import UserError
-    from hfcompress.formats.export import export_model
+    from hfcompress.export import export_model
 
     started = time.perf_counter()
     if args.python:

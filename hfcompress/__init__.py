@@ -8,8 +8,8 @@
 from .config import CompressionConfig
 from .evaluation import PerplexityResult, evaluate_perplexity
 from .integration import register
+from .integration.compress import compress
 from .io import load_model, save_compressed
-from .pipeline import compress
 from .quantization import LinearFormat, QuantLinear, prepare_kernels
 from .recipe import CalibrationConfig, PruneStage, QuantizeStage, Recipe, RecipeError
 

@@ -330,7 +330,7 @@ def run_eval(args) -> int:
 
 
 def run_export(args) -> int:
-    from .formats.export import export_model
+    from .export import export_model
 
     out = export_model(args.folder, args.format, args.output, overwrite=args.overwrite)
     print(f"exported {args.folder} to {out} ({args.format})")

@@ -34,7 +34,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quantization.qlinear import LinearFormat
+from .linear_format import LinearFormat
 from .errors import CheckpointError
 from .recipe import INT_LIMIT, Recipe, RecipeError, shown
 

@@ -1,12 +1,15 @@
-"""compress(): run a recipe's stages on a model, in order, and record what was done.
+"""apply_recipe(): run a recipe's stages on a model, in order, and record what was done.
 
->>> import torch, hfcompress
+The public :func:`hfcompress.compress` (``integration/compress.py``) calls it and then attaches
+the transformers quantizer; this module knows nothing of transformers' plumbing.
+
+>>> import torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 ...                                      num_attention_heads=4, vocab_size=100))
->>> model = hfcompress.compress(model, {"stages": [{"quantize": {"bits": 4, "group_size": 32}}]})
->>> type(model.model.layers[0].mlp.up_proj).__name__
-'QuantLinear'
+>>> config = apply_recipe(model, {"stages": [{"quantize": {"bits": 4, "group_size": 32}}]})
+>>> type(model.model.layers[0].mlp.up_proj).__name__, len(config.modules)
+('QuantLinear', 14)
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class CompressionContext:
         """A checkpoint folder for this stage, keyed by model, stage and calibration windows."""
         if self.resume_dir is None:
             return None
-        from .resume import ResumeState, fingerprint
+        from .quantization.resume import ResumeState, fingerprint
 
         config = {k: v for k, v in model.config.to_dict().items()
                   if k not in ("quantization_config", "transformers_version", "_name_or_path")}
@@ -126,56 +129,6 @@ def base_model_id(model: nn.Module) -> str | None:
     if not name or os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/")):
         return None
     return name
-
-
-def _release_foreign_quantization(model: nn.Module) -> None:
-    """Drop a GGUF loader's quantization config (its weights are already float); refuse others."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    method = getattr(quantizer.quantization_config.quant_method, "value", quantizer.quantization_config.quant_method)
-    if method == "gguf":
-        # transformers dequantized the GGUF tensors on load; the config only describes the source file.
-        quantizer.remove_quantization_config(model)
-    elif method == "hfcompress":
-        if quantizer.quantization_config.modules and getattr(quantizer, "pre_quantized", False):
-            raise ValueError("this model is already compressed by hfcompress; compress its original checkpoint instead")
-    else:
-        raise ValueError(
-            f"this model is already quantized with {method!r}; hfcompress compresses float checkpoints: "
-            "load the unquantized model"
-        )
-
-
-def attach_config(model: nn.Module, config: CompressionConfig) -> None:
-    """Make ``save_pretrained`` write the compressed format and ``from_pretrained`` rebuild it."""
-    from .integration.quantizer import CompressionQuantizer
-
-    if not hasattr(model, "config"):
-        return
-    model.config.quantization_config = config
-    if not isinstance(getattr(model, "hf_quantizer", None), CompressionQuantizer):
-        model.hf_quantizer = CompressionQuantizer(config, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = config.quant_method
-    for module in model.modules():
-        if hasattr(module, "config") and hasattr(module, "base_model_prefix"):
-            module.config._is_quantized = True
-
-
-def detach_config(model: nn.Module) -> None:
-    """Leave no hfcompress config on a model that is a plain checkpoint again (e.g. uniformly
-    pruned, nothing packed): it then saves and reloads without the plugin."""
-    from .integration.quantizer import CompressionQuantizer
-
-    quantizer = getattr(model, "hf_quantizer", None)
-    if isinstance(quantizer, CompressionQuantizer):
-        quantizer.remove_quantization_config(model)
-    elif isinstance(getattr(getattr(model, "config", None), "quantization_config", None), CompressionConfig):
-        del model.config.quantization_config
-    for module in model.modules():
-        if hasattr(module, "config") and getattr(module.config, "_is_quantized", False):
-            module.config._is_quantized = False
 
 
 def _check_against_model(recipe: Recipe, model: nn.Module) -> None:
@@ -262,7 +215,7 @@ def _vocab_size(model: nn.Module) -> int | None:
     return rows if isinstance(rows, int) else None
 
 
-def compress(
+def apply_recipe(
     model: nn.Module,
     recipe: Recipe | dict | str | os.PathLike,
     *,
@@ -271,23 +224,14 @@ def compress(
     resume_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     config: CompressionConfig | None = None,
-) -> nn.Module:
-    """Apply ``recipe`` to ``model`` in place and return it.
+) -> CompressionConfig:
+    """Run ``recipe``'s stages on ``model`` in place; return the record of what was done.
 
-    ``recipe`` is a :class:`Recipe`, a dict, a YAML path or a bundled recipe name. Data-driven
-    stages (GPTQ) calibrate on ``calibration_data`` (a text file or folder, a dataset, or token
-    windows ``[n, seq_len]``), else on the recipe's ``calibration.data``, else on the bundled
-    text; they need ``tokenizer`` for text (loaded from the model's folder when omitted).
-    ``resume_dir`` keeps a checkpoint after every block, and a rerun with the same arguments
-    continues from it. ``device`` is where blocks are computed (default: where the model is).
-    The result records its recipe and formats in ``model.config.quantization_config`` so that
-    ``save_pretrained`` and ``from_pretrained`` round-trip it; a model that needs nothing of
-    hfcompress to reload (uniformly pruned, nothing packed) gets no such entry and saves as a plain
-    checkpoint. Either way ``model.hfcompress_config`` holds what was done.
+    The transformers side (the quantizer that makes ``save_pretrained``/``from_pretrained``
+    round-trip the result) is attached by :func:`hfcompress.compress`, which users call.
     """
     recipe = Recipe.load(recipe)
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
-    _release_foreign_quantization(model)
     config = config if config is not None else CompressionConfig()
     if isinstance(previous, CompressionConfig):  # a compressed checkpoint compressed further keeps its record
         config.pruned = config.pruned or previous.pruned
@@ -324,8 +268,4 @@ def compress(
     context.original_model = None
     register_shared_tensors(model)  # each shared tensor is saved once
     model.hfcompress_config = config  # what was done, also when nothing needs recording in config.json
-    if config.needs_plugin():
-        attach_config(model, config)
-    else:
-        detach_config(model)
-    return model
+    return config

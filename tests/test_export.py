@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import hfcompress
 from hfcompress.cli import main
 from hfcompress.errors import UserError
-from hfcompress.formats.export import ExportError, export_model
+from hfcompress.export import ExportError, export_model
 from hfcompress.quantization import dispatch
 from hfcompress.quantization.pack import pack_columns, unpack_columns
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import hfcompress
-from hfcompress.formats.export import export_model
+from hfcompress.export import export_model
 from hfcompress.io import save_compressed
 from hfcompress.output import recover_output
 

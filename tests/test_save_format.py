@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import hfcompress
 from hfcompress.cli import main
 from hfcompress.errors import UserError
-from hfcompress.formats.export import ExportError, export_model
+from hfcompress.export import ExportError, export_model
 from hfcompress.formats.folder import NATIVE_MARK
 from hfcompress.testing.stock import run_without_hfcompress
 

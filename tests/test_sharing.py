@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import hfcompress
 from hfcompress.distillation.trainer import DistillationTrainer
 from hfcompress.formats.checkpoint import read_tensor_shapes
-from hfcompress.formats.export import ExportError, export_model
+from hfcompress.export import ExportError, export_model
 from hfcompress.models import decoder_blocks
 from hfcompress.pruning import PruningError
 from hfcompress.quantization import dispatch

@@ -62,7 +62,7 @@ def test_smollm2_gptq_group128_ragged_end_to_end(tmp_path, smollm2):
     from hfcompress import compress
     from hfcompress.calibration import calibration_windows
     from hfcompress.data import bundled_text
-    from hfcompress.formats.export import ExportError, export_model
+    from hfcompress.export import ExportError, export_model
 
     reference, tokenizer, _ = smollm2
     model = copy.deepcopy(reference)

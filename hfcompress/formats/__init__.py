@@ -1,1 +1,2 @@
-"""On-disk formats: checking our native safetensors checkpoints (exports come later)."""
+"""On-disk formats: the checks of a checkpoint before it loads, our native and compressed-tensors
+layouts, the export formats, and how a compressed model saves."""

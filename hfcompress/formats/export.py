@@ -27,18 +27,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..output import atomic_output, check_output, output_lock
 from . import compressed_tensors
 from .checkpoint import loaded_names, packed_modules, skeleton, sort_metadata_in_place
-from .folder import RECORD_KEY, model_files, read_native
+from .folder import RECORD_KEY
 from ..quantization.packed_tensor import SUFFIX as PACKED_SUFFIX
 from ..quantization.grid import group_index
 from ..quantization.pack import pack_columns, unpack_columns
@@ -325,32 +322,6 @@ def accepting_formats(folder: Path, config: dict, tensors: dict) -> dict[str, st
     return verdicts
 
 
-def export_model(folder: str | os.PathLike, fmt: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Export the hfcompress folder ``folder`` to ``fmt`` in ``output`` (atomically)."""
-    if fmt not in EXPORTERS:
-        raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORTERS)}")
-    folder, output = Path(folder), Path(output)
-    check_output(output, overwrite, sources=[folder])
-    with output_lock(output):
-        return _export(folder, fmt, output)
-
-
-def _export(folder: Path, fmt: str, output: Path) -> Path:
-    native_config, native_tensors = read_native(folder)
-    record = native_config["quantization_config"]  # what hfcompress did, for the card
-    try:
-        tensors, config = convert_folder(folder, fmt, native_config, native_tensors)
-    except ExportError as err:  # convert_folder leaves its inputs as they were: try the others on them
-        others = [name for name, why in accepting_formats(folder, native_config, native_tensors).items()
-                  if why is None and name != fmt]
-        advice = (f"export to {' or '.join(others)} instead" if others else
-                  "no export format holds this model: keep the hfcompress folder, which loads with `import hfcompress`")
-        raise ExportError(f"{err}; {advice}") from None
-    write_folder(folder, output, tensors, config, record)
-    logger.info("exported %s to %s (%s)", folder, output, fmt)
-    return output
-
-
 def write_tensors(directory: Path, tensors: dict, max_shard_size: int | str = "5GB") -> None:
     """Write ``tensors`` as (sharded) safetensors in ``directory``, replacing what was there."""
     from huggingface_hub import save_torch_state_dict
@@ -365,19 +336,3 @@ def write_tensors(directory: Path, tensors: dict, max_shard_size: int | str = "5
 
 def write_config(directory: Path, config: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_folder(source: Path, output: Path, tensors: dict, config: dict, record: dict) -> None:
-    """``output`` holding ``tensors`` and ``config``, the other files of ``source`` (tokenizer,
-    generation config ...) and a model card for its format (from ``record``, what hfcompress did),
-    written to a temporary folder renamed at the end."""
-    from ..card import write_folder_card
-
-    with atomic_output(output, overwrite=True, sources=[source]) as staging:
-        for item in model_files(source):
-            if not item.name.endswith((".safetensors", ".safetensors.index.json")) \
-                    and item.name not in ("config.json", "README.md"):
-                shutil.copy2(item, staging / item.name)
-        write_tensors(staging, tensors)
-        write_config(staging, config)
-        write_folder_card(staging, record=record)

@@ -58,7 +58,7 @@ def _load_gguf_then_compress(original, cls, args, kwargs, config: CompressionCon
     """transformers refuses a quantizer on a GGUF file: load it in float, then compress."""
     from transformers import AutoTokenizer
 
-    from ..pipeline import compress
+    from .compress import compress
 
     if config.recipe is None:
         raise ValueError("CompressionConfig has no recipe to apply to this GGUF file: pass CompressionConfig(recipe=...)")

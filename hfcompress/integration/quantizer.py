@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import FORMAT_VERSION, QUANT_METHOD, CompressionConfig
 from ..formats import compressed_tensors
 from ..formats.checkpoint import check_quantized_checkpoint, packed_conversions
+from ..pipeline import apply_recipe
 from ..pruning.stage import rebuild_pruned_structure
 from ..quantization.stage import rebuild_quantized_modules
 from ..sharing.layers import rebuild_shared_structure, tie_shared_modules
@@ -71,9 +73,8 @@ class CompressionQuantizer(HfQuantizer):
                 self.quantization_config.storage = QUANT_METHOD  # in memory it is ours now, and saves as chosen then
             tie_shared_modules(model, self.quantization_config.shared)  # the users' tensors were not in the file
         else:
-            from ..pipeline import compress
-
-            compress(model, self.quantization_config.recipe, config=self.quantization_config)
+            config = apply_recipe(model, self.quantization_config.recipe, config=self.quantization_config)
+            attach_or_detach(model, config)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -91,3 +92,60 @@ class CompressionQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return self.is_trainable
+
+
+# The transformers attributes that make a compressed model save and reload as one. They live here,
+# beside the quantizer they name; the pipeline knows nothing of transformers' quantizer plumbing.
+
+def release_foreign_quantization(model: nn.Module) -> None:
+    """Drop a GGUF loader's quantization config (its weights are already float); refuse others."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config.quant_method, "value", quantizer.quantization_config.quant_method)
+    if method == "gguf":
+        # transformers dequantized the GGUF tensors on load; the config only describes the source file.
+        quantizer.remove_quantization_config(model)
+    elif method == "hfcompress":
+        if quantizer.quantization_config.modules and getattr(quantizer, "pre_quantized", False):
+            raise ValueError("this model is already compressed by hfcompress; compress its original checkpoint instead")
+    else:
+        raise ValueError(
+            f"this model is already quantized with {method!r}; hfcompress compresses float checkpoints: "
+            "load the unquantized model"
+        )
+
+
+def attach_config(model: nn.Module, config: CompressionConfig) -> None:
+    """Make ``save_pretrained`` write the compressed format and ``from_pretrained`` rebuild it."""
+    if not hasattr(model, "config"):
+        return
+    model.config.quantization_config = config
+    if not isinstance(getattr(model, "hf_quantizer", None), CompressionQuantizer):
+        model.hf_quantizer = CompressionQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module, "base_model_prefix"):
+            module.config._is_quantized = True
+
+
+def detach_config(model: nn.Module) -> None:
+    """Leave no hfcompress config on a model that is a plain checkpoint again (e.g. uniformly
+    pruned, nothing packed): it then saves and reloads without the plugin."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, CompressionQuantizer):
+        quantizer.remove_quantization_config(model)
+    elif isinstance(getattr(getattr(model, "config", None), "quantization_config", None), CompressionConfig):
+        del model.config.quantization_config
+    for module in model.modules():
+        if hasattr(module, "config") and getattr(module.config, "_is_quantized", False):
+            module.config._is_quantized = False
+
+
+def attach_or_detach(model: nn.Module, config: CompressionConfig) -> None:
+    """After a recipe ran: the quantizer when reloading needs hfcompress, else a plain checkpoint."""
+    if config.needs_plugin():
+        attach_config(model, config)
+    else:
+        detach_config(model)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,18 +31,31 @@ from .pack import pack_rows
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "reference", "triton")
-_mode = os.environ.get("HFCOMPRESS_KERNELS", "auto")
-if _mode not in MODES:  # a typo in the environment must not break every command (inspect, eval ...)
-    logger.warning("HFCOMPRESS_KERNELS=%r is not a kernel mode (valid: %s): using auto", _mode[:40], ", ".join(MODES))
-    _mode = "auto"
+# The mode in force: set by use(), else the environment's, read when a kernel is first chosen
+# (never at import: a typo must not break `import hfcompress`). A plain module attribute rather
+# than a context variable: torch.compile traces the forward pass, and Dynamo reads (and guards
+# on) a module attribute but cannot trace ContextVar.get.
+_mode: str | None = None
+
+
+def _environment_mode() -> str:
+    mode = os.environ.get("HFCOMPRESS_KERNELS", "auto")
+    if mode not in MODES:  # a typo in the environment must not break every command (inspect, eval ...)
+        warnings.warn(f"HFCOMPRESS_KERNELS={mode[:40]!r} is not a kernel mode (valid: {', '.join(MODES)}): using auto",
+                      RuntimeWarning, stacklevel=3)
+        return "auto"
+    return mode
 
 
 def current_mode() -> str:
+    global _mode
+    if _mode is None:
+        _mode = _environment_mode()
     return _mode
 
 
 def enabled() -> bool:
-    return _mode != "reference"
+    return current_mode() != "reference"
 
 
 @contextmanager
@@ -79,15 +93,6 @@ class Kernel:
         return self.run(x)
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str, *args) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message, *args)
-
-
 def _natural_codes(module, weight) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Codes ``[N, K]`` of ``weight`` (``module.unpack()``) with groups as contiguous runs of K,
     and the permutation used (or None)."""
@@ -111,8 +116,9 @@ def _prepare_triton(module, device: torch.device) -> Kernel:
     try:
         from ..kernels import ops  # noqa: F401  (registers torch.ops.hfcompress.quant_matmul)
     except ImportError:
-        _warn_once("triton is not installed: packed layers run the reference path on %s "
-                   "(pip install 'hfcompress[triton]')", device)
+        # Said once per device (the warnings filter shows a message once per place).
+        warnings.warn(f"triton is not installed: packed layers run the reference path on {device} "
+                      "(pip install 'hfcompress[triton]')", RuntimeWarning, stacklevel=2)
         return Kernel(device, "reference")
     natural = _natural_codes(module, module.unpack())
     if natural is None:
@@ -155,7 +161,7 @@ def _prepare_cpu(module, device: torch.device) -> Kernel:
 @torch.no_grad()
 def prepare(module, device: torch.device) -> Kernel:
     """The kernel for ``module``'s inputs on ``device`` (its repacked weights included)."""
-    if device.type == "cuda" or (_mode == "triton" and device.type == "cpu"):
+    if device.type == "cuda" or (current_mode() == "triton" and device.type == "cpu"):
         kernel = _prepare_triton(module, device)
     elif device.type == "cpu":
         kernel = _prepare_cpu(module, device)
@@ -163,19 +169,3 @@ def prepare(module, device: torch.device) -> Kernel:
         kernel = Kernel(device, "reference")
     logger.debug("%s: %s kernel on %s", module.extra_repr(), kernel.name, device)
     return kernel
-
-
-def prepare_kernels(model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, int]:
-    """Repack every QuantLinear of ``model`` for its kernel now (else on its first forward).
-
-    Call it before ``torch.compile`` or CUDA graph capture. Returns how many layers use each kernel.
-    """
-    from .qlinear import QuantLinear
-
-    counts: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            kernel = module.prepare_kernel(device)
-            name = kernel.name if kernel is not None else "reference"
-            counts[name] = counts.get(name, 0) + 1
-    return counts

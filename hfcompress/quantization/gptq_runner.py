@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..calibration import BlockInputs, input_hooks, run_block, walk_blocks
 from ..models import ExpertLinears, decoder_blocks, linear_weight
 from ..recipe import QuantizeStage
-from ..resume import ResumeState
+from .resume import ResumeState
 from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, relative_error
 from .grid import QuantizedWeight
 from .qlinear import LinearFormat, QuantLinear

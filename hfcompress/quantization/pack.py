@@ -32,7 +32,7 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from ..linear_format import SUPPORTED_BITS  # noqa: F401 (defined with the storage format)
 _VALUES_PER_BLOCK = 32  # 32 values of b bits fill exactly b words, for every b
 
 

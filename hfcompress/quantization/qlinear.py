@@ -30,48 +30,14 @@ torch.Size([3, 24])
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
 from .grid import QuantizedWeight, group_count, group_index
-from .pack import SUPPORTED_BITS, pack_columns, pack_rows, packed_length, unpack_columns, unpack_rows
-
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class LinearFormat:
-    """How one linear layer is stored: recorded per module in the config, rebuilt on load."""
-
-    bits: int
-    group_size: int
-    sym: bool
-    act_order: bool = False
-    scale_dtype: str = "float16"
-
-    def __post_init__(self):
-        if type(self.bits) is not int or type(self.group_size) is not int:
-            raise ValueError(f"bits and group_size must be whole numbers, got {self.bits!r:.40} and {self.group_size!r:.40}")
-        if not isinstance(self.sym, bool) or not isinstance(self.act_order, bool):
-            raise ValueError(f"sym and act_order must be true or false, got {self.sym!r:.40} and {self.act_order!r:.40}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ValueError(f"group_size={self.group_size} must be -1 (one group per row) or positive")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
-
-    @property
-    def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from ..linear_format import LinearFormat
+from .pack import pack_columns, pack_rows, packed_length, unpack_columns, unpack_rows
 
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with ``W`` stored packed (see the module docstring)."""
@@ -193,3 +159,17 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={f.bits}, "
             f"group_size={f.group_size}, sym={f.sym}, act_order={f.act_order}, bias={self.bias is not None}"
         )
+
+
+def prepare_kernels(model: nn.Module, device: torch.device | str | None = None) -> dict[str, int]:
+    """Repack every QuantLinear of ``model`` for its kernel now (else on its first forward).
+
+    Call it before ``torch.compile`` or CUDA graph capture. Returns how many layers use each kernel.
+    """
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            kernel = module.prepare_kernel(device)
+            name = kernel.name if kernel is not None else "reference"
+            counts[name] = counts.get(name, 0) + 1
+    return counts

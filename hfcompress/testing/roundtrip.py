@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..errors import UserError
-from ..pipeline import compress
+from ..integration.compress import compress
 from ..quantization.coverage import FLOAT_SHARE_LIMIT, float_share
 from .tiny import describe_error, tiny_inputs, tiny_model
 

@@ -56,7 +56,7 @@ def job_save(work: Path, start) -> None:
 
 
 def job_export(work: Path, start) -> None:
-    from hfcompress.formats.export import export_model
+    from hfcompress.export import export_model
 
     start()
     export_model(work / "source", "compressed-tensors", work / "out", overwrite=True)

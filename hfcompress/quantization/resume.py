@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .quantization.qlinear import LinearFormat, QuantLinear
+from ..errors import UserError
+from .qlinear import LinearFormat, QuantLinear
 
 logger = logging.getLogger(__name__)
 
