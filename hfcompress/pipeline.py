@@ -74,12 +74,13 @@ class CompressionContext:
             if data is None:
                 data = bundled_text("calibration")
                 logger.info("no calibration data given: using the bundled text %s", data)
-            self._windows = calibration_windows(self._get_tokenizer(data), data, self.calibration.samples,
+            self._windows = calibration_windows(self.tokenizer_for(data), data, self.calibration.samples,
                                                 self.calibration.seq_len, self.calibration.seed, self.vocab_size)
             logger.info("calibration: %d windows of %d tokens", *self._windows.shape)
         return self._windows
 
-    def _get_tokenizer(self, data):
+    def tokenizer_for(self, data):
+        """The tokenizer that reads ``data`` (None for token ids): the one given, else the model's own."""
         if self.tokenizer is None and not isinstance(data, torch.Tensor):
             if self.tokenizer_source is None:
                 raise DataError("calibration text needs a tokenizer: pass tokenizer= to compress() (or token windows)")

@@ -37,7 +37,7 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
     else:
         teacher = load_teacher(stage.teacher)
     data = stage.data if stage.data is not None else context.text_source()
-    tokenizer = context._get_tokenizer(data)
+    tokenizer = context.tokenizer_for(data)
     dataset = packed_dataset(tokenizer, data, stage.seq_len,
                              max_tokens=stage.steps * stage.batch_size * stage.gradient_accumulation * stage.seq_len)
     logger.info("distill: %d steps of %d x %d tokens (%d blocks of data) from teacher %s", stage.steps,

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -135,6 +134,3 @@ class ResumeState:
         os.replace(partial, self._state_file)  # the commit point
         if previous_hidden:
             (self.folder / previous_hidden).unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
