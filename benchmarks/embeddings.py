@@ -105,7 +105,8 @@ def main():
     from transformers import AutoModelForCausalLM
 
     import hfcompress
-    from hfcompress.evaluation import evaluate_perplexity, tokenize
+    from hfcompress.data import tokenize
+    from hfcompress.evaluation import evaluate_perplexity
 
     checkpoint, tokenizer = prepare_checkpoint(args.work)
     windows_file = args.work / "calibration-windows.safetensors"

@@ -38,7 +38,8 @@ def prepare(args):
     import logging
 
     from hfcompress.distillation import packed_dataset
-    from hfcompress.evaluation import evaluate_perplexity, tokenize
+    from hfcompress.data import tokenize
+    from hfcompress.evaluation import evaluate_perplexity
 
     args.work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)

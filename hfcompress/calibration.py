@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError, DataError
-from .evaluation import tokenize
+from .data import tokenize
 from .precision import float32_block, float32_forward
 
 logger = logging.getLogger(__name__)

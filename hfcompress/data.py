@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import DataError
 
 SEPARATOR = "\n\n"
@@ -150,3 +152,18 @@ def _load_dataset(name: str, split: str, config_name: str | None, text_column: s
             "file or folder"
         ) from None
     return _join_rows(dataset, text_column)
+
+
+def tokenize(tokenizer, data: Any, **text_kwargs) -> torch.Tensor:
+    """1-D token ids of ``data`` (already ids, or text loaded by :func:`hfcompress.data.load_text`)."""
+    if isinstance(data, torch.Tensor):
+        return data.flatten().long()
+    if tokenizer is None:
+        raise DataError("a tokenizer is needed to read text and none came with the model: save one beside it "
+                        "(tokenizer.save_pretrained(folder)), or pass token ids")
+    text = load_text(data, **text_kwargs)
+    # The text is tokenized whole, as in the GPTQ protocol: mark the "longer than the model's maximum
+    # length" warning as already given, since windows are cut afterwards.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer(text, return_tensors="pt").input_ids[0]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_text
+from .data import tokenize
 from .errors import DataError
 from .precision import float32_block, float32_forward, model_compute_dtype
 
@@ -47,21 +47,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def tokenize(tokenizer, data: Any, **text_kwargs) -> torch.Tensor:
-    """1-D token ids of ``data`` (already ids, or text loaded by :func:`hfcompress.data.load_text`)."""
-    if isinstance(data, torch.Tensor):
-        return data.flatten().long()
-    if tokenizer is None:
-        raise DataError("a tokenizer is needed to read text and none came with the model: save one beside it "
-                        "(tokenizer.save_pretrained(folder)), or pass token ids")
-    text = load_text(data, **text_kwargs)
-    # The text is tokenized whole, as in the GPTQ protocol: mark the "longer than the model's maximum
-    # length" warning as already given, since windows are cut afterwards.
-    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
-        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-    return tokenizer(text, return_tensors="pt").input_ids[0]
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int | None, max_windows: int | None):

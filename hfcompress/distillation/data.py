@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..evaluation import tokenize
+from ..data import tokenize
 
 
 class PackedBlocks(Dataset):

@@ -14,6 +14,7 @@ import tempfile
 from torch import nn
 
 from ..config import CompressionConfig
+from ..context import CompressionContext
 from ..errors import UserError
 from ..recipe import DistillStage
 from .data import packed_dataset
@@ -22,7 +23,7 @@ from .trainer import DistillationTrainer, DistillationTrainingArguments, load_te
 logger = logging.getLogger(__name__)
 
 
-def apply_distill_stage(model: nn.Module, stage: DistillStage, config: CompressionConfig, context) -> None:
+def apply_distill_stage(model: nn.Module, stage: DistillStage, config: CompressionConfig, context: CompressionContext) -> None:
     """Train ``model`` in place toward the stage's teacher."""
     if config.modules:
         raise UserError("distill: the model is already quantized (packed layers do not train); put distill "

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..calibration import walk_blocks
+from ..context import CompressionContext
 from ..models import find_fused_experts, model_configs
 from ..models.experts import _INDEX_NAMES, _WEIGHT_NAMES
+from ..recipe import PruneStage
 from .layout import PruningError
 from .select import remove_count
 
@@ -73,7 +75,7 @@ def expert_scores(model: nn.Module, experts: dict[str, nn.Module], windows: torc
     return scores
 
 
-def prune_experts(model: nn.Module, stage, context) -> None:
+def prune_experts(model: nn.Module, stage: PruneStage, context: CompressionContext) -> None:
     """Drop ``stage.experts`` experts (a fraction or a count) from every MoE layer."""
     experts = find_fused_experts(model)
     if not experts:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import CompressionConfig
+from ..context import CompressionContext
 from ..errors import CheckpointError
 from ..models import (blocks_path, decoder_blocks, final_norm, keep_inputs, keep_outputs, linear_shape, model_configs,
                       weight_shape)
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 # --- scores -------------------------------------------------------------------------------------
 
 
-def compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context) -> Scores:
+def compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context: CompressionContext) -> Scores:
     """The stage's importance scores (Block Influence for layers included when layers are dropped)."""
     hidden = bool(stage.hidden)
     dtype = context.compute_dtype(model)
@@ -61,7 +62,7 @@ def compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneS
     return scores
 
 
-def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context) -> Scores:
+def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage: PruneStage, context: CompressionContext) -> Scores:
     """Scores from ``stage.scores`` when that file exists (same measure, same shapes), else computed
     (and written there when a path is given)."""
     from safetensors import safe_open
@@ -290,7 +291,7 @@ def _write_config(model: nn.Module, layout: PruningLayout | None, blocks, config
 
 
 @torch.no_grad()
-def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionConfig, context) -> None:
+def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionConfig, context: CompressionContext) -> None:
     """Prune ``model`` in place as the stage says."""
     if config.modules:
         raise PruningError("prune: the model is already quantized; put the prune stage before quantize")

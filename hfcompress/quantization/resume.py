@@ -134,3 +134,15 @@ class ResumeState:
         os.replace(partial, self._state_file)  # the commit point
         if previous_hidden:
             (self.folder / previous_hidden).unlink(missing_ok=True)
+
+
+def resume_state(model: torch.nn.Module, stage, windows: torch.Tensor, context) -> ResumeState | None:
+    """The checkpoint folder of this GPTQ stage (None without ``context.resume_dir``), keyed by the
+    model, the stage, its place in the recipe, the compute dtype and the calibration windows."""
+    if context.resume_dir is None:
+        return None
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("quantization_config", "transformers_version", "_name_or_path")}
+    key = fingerprint(config, stage.to_dict(), context.stage_index, f"{model.dtype} {context.compute_dtype(model)}",
+                      windows, model.get_input_embeddings().weight)
+    return ResumeState(Path(context.resume_dir) / f"stage{context.stage_index}", key)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CompressionConfig
+from ..context import CompressionContext
 from ..errors import CheckpointError, UserError
 from ..models import (ArchitectureError, block_names, decoder_blocks, find_fused_experts, find_linear_layers, is_linear,
                       language_model_path, linear_shape, linear_weight, matches, model_configs, output_embedding_names,
@@ -32,6 +33,7 @@ from .embedding import QuantEmbedding
 from .packed_tensor import SUFFIX as PACKED_SUFFIX
 from .packed_tensor import empty_packed_parameter, pack_parameter
 from .qlinear import LinearFormat, QuantLinear
+from .resume import resume_state
 from .rtn import quantize_rtn
 
 logger = logging.getLogger(__name__)
@@ -192,7 +194,8 @@ def quantize_embeddings(model: nn.Module, stage: QuantizeStage, config: Compress
 
 
 @torch.no_grad()
-def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: CompressionConfig, context) -> None:
+def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: CompressionConfig,
+                         context: CompressionContext) -> None:
     """Quantize the model's linear layers (and experts) in place, as the stage says."""
     if stage.embeddings is not None:
         quantize_embeddings(model, stage, config)
@@ -226,7 +229,7 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
         from .gptq_runner import quantize_gptq
 
         windows = context.calibration_windows()
-        resume = context.resume_state(model, stage, windows)
+        resume = resume_state(model, stage, windows, context)
         dtype = context.compute_dtype(model)
         outside = quantize_gptq(model, stage, layers, windows, config.modules.__setitem__, resume, context.device,
                                 dtype)

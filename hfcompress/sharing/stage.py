@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import CompressionConfig
+from ..context import CompressionContext
 from ..models import decoder_blocks
 from ..recipe import ShareStage
 from .embeddings import tie_embeddings
 from .layers import SharingError, groups_of, merge_records, share_layers
 
 
-def apply_share_stage(model: nn.Module, stage: ShareStage, config: CompressionConfig, context) -> None:
+def apply_share_stage(model: nn.Module, stage: ShareStage, config: CompressionConfig, context: CompressionContext) -> None:
     """Apply the stage to ``model`` in place and record the layer sharing in ``config``."""
     if stage.tie_embeddings:
         tie_embeddings(model, stage.tie_embeddings)
