@@ -32,10 +32,10 @@ from .output import output_lock
 from .models import ArchitectureError, decoder_blocks, matches
 from .pruning.layout import PruningError, layout_of
 from .pruning.select import remove_count
-from .pruning.stage import apply_prune_stage
-from .quantization.stage import apply_quantize_stage
+from .pruning.stage import apply_prune_stage, rebuild_pruned_structure
+from .quantization.stage import apply_quantize_stage, rebuild_quantized_modules
 from .recipe import CalibrationConfig, Recipe
-from .sharing.layers import SharingError, check_groups, groups_of, register_shared_tensors
+from .sharing.layers import SharingError, check_groups, groups_of, rebuild_shared_structure, register_shared_tensors
 from .sharing.stage import apply_share_stage
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,20 @@ STAGE_RUNNERS: dict[str, Callable] = {
     "share": apply_share_stage,
     "quantize": apply_quantize_stage,
 }
+
+# Reloading a compressed checkpoint redoes the structure of each stage that changed one, in the
+# order the stages run (distill changes no structure), on the meta device before the weights load.
+STAGE_REBUILDERS: dict[str, Callable[[nn.Module, CompressionConfig], None]] = {
+    "prune": rebuild_pruned_structure,
+    "share": lambda model, config: rebuild_shared_structure(model, config.shared),
+    "quantize": rebuild_quantized_modules,
+}
+
+
+def rebuild(model: nn.Module, config: CompressionConfig) -> None:
+    """Give a freshly built (empty) model the structure ``config`` records, stage by stage."""
+    for rebuild_stage in STAGE_REBUILDERS.values():
+        rebuild_stage(model, config)
 
 
 def base_model_id(model: nn.Module) -> str | None:

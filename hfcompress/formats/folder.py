@@ -14,7 +14,7 @@ A quantized model is saved in one of two formats (``formats/save.py`` picks):
   telling the user what to install and import. hfcompress removes the mark as it reads the file.
 
 :func:`read_config_dict` undoes both, for every ``config.json`` transformers reads once
-hfcompress is imported (``integration/hooks.py``), and for our own readers.
+hfcompress is imported (``integration/patches.py``), and for our own readers.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from transformers.quantizers.auto import (
 )
 
 from ..config import QUANT_METHOD, CompressionConfig
-from . import hooks
+from . import patches
 from .quantizer import CompressionQuantizer
 
 
@@ -18,4 +18,4 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(CompressionConfig)
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not CompressionQuantizer:
         register_quantizer(QUANT_METHOD)(CompressionQuantizer)
-    hooks.install()
+    patches.install()

@@ -18,10 +18,8 @@ from transformers.quantizers.base import HfQuantizer
 from ..config import FORMAT_VERSION, QUANT_METHOD, CompressionConfig
 from ..formats import compressed_tensors
 from ..formats.checkpoint import check_quantized_checkpoint, packed_conversions
-from ..pipeline import apply_recipe
-from ..pruning.stage import rebuild_pruned_structure
-from ..quantization.stage import rebuild_quantized_modules
-from ..sharing.layers import rebuild_shared_structure, tie_shared_modules
+from ..pipeline import apply_recipe, rebuild
+from ..sharing.layers import tie_shared_modules
 
 
 def _drop_packed_ties(model) -> None:
@@ -50,9 +48,7 @@ class CompressionQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
-            rebuild_pruned_structure(model, self.quantization_config)
-            rebuild_shared_structure(model, self.quantization_config.shared)
-            rebuild_quantized_modules(model, self.quantization_config)
+            rebuild(model, self.quantization_config)
             if self.quantization_config.storage == "compressed-tensors":
                 for name in self.quantization_config.modules:
                     compressed_tensors.expect_pack_quantized(model.get_submodule(name))

@@ -1,4 +1,4 @@
-"""The three small wrappers that ``import hfcompress`` installs on ``PreTrainedModel``.
+"""The small method patches that ``import hfcompress`` installs on ``PreTrainedModel``.
 
 transformers rejects unknown ``from_pretrained`` arguments and has no hook for extra files at
 save time, so the plugin wraps these methods, each of which only delegates:
