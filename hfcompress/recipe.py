@@ -32,8 +32,9 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import UserError
+from .linear_format import SUPPORTED_BITS
 
-BIT_WIDTHS = (2, 3, 4, 8)
+BIT_WIDTHS = SUPPORTED_BITS  # what the packing and the kernels handle
 QUANTIZE_METHODS = ("rtn", "gptq")
 
 
@@ -503,13 +504,19 @@ class Recipe:
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, tuple(STAGES.values())):
                 raise RecipeError(f"recipe stages[{i}]: {shown(stage)} is not a stage; valid stages: {', '.join(STAGES)}")
-        # Packed layers neither train, prune, share nor quantize again: quantize comes once, last.
-        # Checked here so that a misordered recipe fails before the stages before it have run.
+        # The order rules, in one place and checked here, so that a misordered recipe fails before
+        # the stages before the misplaced one have run.
         quantize = [i for i, stage in enumerate(self.stages) if stage.name == "quantize"]
         if quantize and quantize[0] != len(self.stages) - 1:
             after = self.stages[quantize[0] + 1]
             raise RecipeError(f"recipe stages[{quantize[0] + 1}]: {after.name} after quantize; quantize comes once, as "
                               "the last stage (packed layers do not train, prune, share or quantize again): move it")
+        shared = next((i for i, stage in enumerate(self.stages) if stage.name == "share"
+                       and (stage.layers is not None or stage.every)), None)
+        pruned = [i for i, stage in enumerate(self.stages) if stage.name == "prune"]
+        if shared is not None and pruned and pruned[-1] > shared:
+            raise RecipeError(f"recipe stages[{pruned[-1]}]: prune after share; layers that share weights would be "
+                              "pruned differently: put the prune stage before share")
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:

@@ -207,3 +207,9 @@ def test_an_ignore_pattern_that_matches_nothing_is_said_before_quantizing(caplog
     with caplog.at_level("WARNING"):
         hfcompress.compress(tiny_llama(), {"stages": [{"quantize": {"ignore": ["mlp.down_prj", "lm_head"]}}]})
     assert "stages[0].quantize.ignore: 'mlp.down_prj' matches no module of LlamaForCausalLM" in caplog.text
+
+
+def test_prune_after_layer_sharing_is_refused_when_the_recipe_is_read():
+    with pytest.raises(RecipeError, match=r"stages\[1\]: prune after share; .*put the prune stage before share"):
+        Recipe.from_dict({"stages": [{"share": {"every": 2}}, {"prune": {"ffn": 0.25}}]})
+    Recipe.from_dict({"stages": [{"share": {"tie_embeddings": "input"}}, {"prune": {"ffn": 0.25}}]})  # no layers shared

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models import model_configs
+from ..recipe import ShareStage
 from .layers import SharingError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 def tie_embeddings(model: nn.Module, mode: str = "input") -> None:
     """Make ``lm_head`` and the input embeddings one matrix: the input one (``input``), the output
     one (``output``) or their mean (``mean``)."""
+    if mode not in ShareStage.TIES:
+        raise SharingError(f"tie_embeddings: {mode!r} is not valid; valid: {', '.join(ShareStage.TIES)}")
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     embed = get_in() if callable(get_in) else None
     head = get_out() if callable(get_out) else None
@@ -48,8 +51,6 @@ def tie_embeddings(model: nn.Module, mode: str = "input") -> None:
             embed.weight.copy_(head.weight)
         elif mode == "mean":
             embed.weight.copy_(((embed.weight.float() + head.weight.float()) / 2).to(embed.weight.dtype))
-        elif mode != "input":
-            raise SharingError(f"tie_embeddings: {mode!r} is not valid; valid: input, output, mean")
         head.weight = embed.weight
         logger.info("tie_embeddings: lm_head now uses the input embeddings' matrix (%s)", mode)
     for config in model_configs(model):

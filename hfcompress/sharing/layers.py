@@ -80,19 +80,13 @@ def _blocks_prefix(model: nn.Module, blocks: nn.Module) -> str:
 
 
 def check_groups(groups: list[list[int]], n_layers: int) -> None:
-    """Groups of existing layers, two or more per group, no layer in two groups."""
-    seen: dict[int, int] = {}
-    for i, group in enumerate(groups):
-        if len(group) < 2:
-            raise SharingError(f"share layers: group {group} has fewer than two layers")
+    """Every layer the groups name exists in a model of ``n_layers`` decoder layers. (That groups
+    have two or more layers and do not overlap is the recipe's check: ``ShareStage.validate``.)"""
+    for group in groups:
         for layer in group:
             if not 0 <= layer < n_layers:
                 raise SharingError(f"share layers: layer {layer} does not exist; the model has {n_layers} decoder "
                                    f"layers (0 to {n_layers - 1})")
-            if layer in seen:
-                raise SharingError(f"share layers: layer {layer} is in groups {seen[layer]} and {i}; groups must not "
-                                   "overlap")
-            seen[layer] = i
 
 
 def groups_of(every: int, n_layers: int) -> list[list[int]]:
