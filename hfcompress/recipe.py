@@ -356,9 +356,23 @@ class DistillLoss(_Section):
     attention: float = 0.0  # attention-map KL over layer_map (eager attention)
 
     def validate(self):
-        weights = (self.kl, self.ce, self.hidden, self.attention)
-        if min(weights) < 0 or not any(weights):
-            raise RecipeError("loss: weights must be >= 0 and at least one positive (kl, ce, hidden, attention)")
+        check_loss_weights(self.kl, self.ce, self.hidden, self.attention)
+
+
+DIVERGENCES = ("forward", "reverse", "jsd")  # of the next-token distributions; see distillation/losses.py
+
+
+def check_loss_weights(kl: float, ce: float, hidden: float, attention: float) -> None:
+    """The distillation loss weights, for the recipe and for ``DistillationTrainingArguments`` alike."""
+    if min(kl, ce, hidden, attention) < 0 or not any((kl, ce, hidden, attention)):
+        raise RecipeError("loss: weights must be >= 0 and at least one positive (kl, ce, hidden, attention)")
+
+
+def check_divergence(divergence: str, temperature: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise RecipeError(f"divergence: {shown(divergence)} is not valid; valid: {', '.join(DIVERGENCES)}")
+    if not temperature > 0:
+        raise RecipeError(f"temperature: {temperature} must be positive")
 
 
 @dataclass
@@ -371,7 +385,7 @@ class DistillStage(_Section):
     """
 
     name: ClassVar[str] = "distill"
-    DIVERGENCES: ClassVar[tuple[str, ...]] = ("forward", "reverse", "jsd")
+    DIVERGENCES: ClassVar[tuple[str, ...]] = DIVERGENCES
 
     teacher: str = "original"
     data: str | None = None
@@ -399,10 +413,7 @@ class DistillStage(_Section):
             raise RecipeError(f"lr: {self.lr} must lie in (0, 1)")
         if not 0 <= self.warmup < 1:
             raise RecipeError(f"warmup: {self.warmup} must lie in [0, 1): a fraction of the steps")
-        if self.temperature <= 0:
-            raise RecipeError(f"temperature: {self.temperature} must be positive")
-        if self.divergence not in self.DIVERGENCES:
-            raise RecipeError(f"divergence: {shown(self.divergence)} is not valid; valid: {', '.join(self.DIVERGENCES)}")
+        check_divergence(self.divergence, self.temperature)
         if self.dtype not in (None, "bfloat16", "float16"):
             raise RecipeError(f"dtype: {shown(self.dtype)} is not a training precision; valid: bfloat16, float16 (or null)")
         for pair in self.layer_map or []:

@@ -88,7 +88,7 @@ def recipes(draw):
             uniform=draw(st.booleans()), scores=draw(st.one_of(st.none(), st.text(max_size=12)))))
     calibration = draw(st.one_of(st.none(), st.builds(
         CalibrationConfig, data=st.one_of(st.none(), st.text(max_size=20)), samples=st.integers(1, 512),
-        seq_len=st.integers(1, 8192), seed=st.integers(0, 2**31))))
+        seq_len=st.integers(1, 8192), seed=st.integers(0, 2**31 - 1))))
     return Recipe(stages=stages, calibration=calibration)
 
 

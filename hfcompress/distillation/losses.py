@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward", "reverse", "jsd")
+from ..recipe import DIVERGENCES  # one list, with the recipe's check
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from .losses import DIVERGENCES, attention_kl, hidden_mse, logit_divergence
+from ..recipe import check_divergence, check_loss_weights
+from .losses import attention_kl, hidden_mse, logit_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,9 @@ class DistillationTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence: {self.divergence!r} is not valid; valid: {', '.join(DIVERGENCES)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: {self.temperature} must be positive")
-        weights = (self.kl_weight, self.ce_weight, self.hidden_weight, self.attention_weight)
-        if min(weights) < 0 or not any(weights):
-            raise ValueError("distillation loss weights must be >= 0 and at least one positive "
-                             "(kl_weight, ce_weight, hidden_weight, attention_weight)")
+        # The same checks as the recipe's distill stage (RecipeError is a ValueError).
+        check_divergence(self.divergence, self.temperature)
+        check_loss_weights(self.kl_weight, self.ce_weight, self.hidden_weight, self.attention_weight)
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
