@@ -153,6 +153,9 @@ def _check_finite(model: nn.Module, what: str, before: list[str]) -> None:
 
 
 def _vocab_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding table; None where the model has none to ask (a plain nn.Module,
+    or a transformers model whose get_input_embeddings raises NotImplementedError): its token
+    windows are then not checked against a vocabulary, and the forward pass is the judge."""
     try:
         embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
