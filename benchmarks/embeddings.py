@@ -61,7 +61,7 @@ def recipe(embeddings: bool, method: str = "gptq") -> dict:
         quantize = {"method": "rtn", "bits": 4, "group_size": 64, "sym": True}
     if embeddings:
         quantize["embeddings"] = {"bits": 4, "group_size": 64}
-    return {"calibration": {"dtype": "bfloat16"}, "stages": [{"quantize": quantize}]}
+    return {"calibration": {"compute_dtype": "bfloat16"}, "stages": [{"quantize": quantize}]}
 
 
 def loadavg() -> list[float]:

@@ -67,7 +67,7 @@ def parse_args():
 
 def our_recipe(args, path: Path) -> Path:
     path.write_text(
-        "calibration: {dtype: bfloat16}\n"
+        "calibration: {compute_dtype: bfloat16}\n"
         "stages:\n"
         f"  - quantize: {{method: gptq, bits: {args.bits}, group_size: {args.group_size}, sym: true, "
         f"act_order: true, static_groups: true, mse: {'true' if args.mse else 'false'}}}\n"

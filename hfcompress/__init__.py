@@ -5,7 +5,7 @@
 ``from_pretrained(folder)`` reloads what ``save_pretrained`` wrote.
 """
 
-from .config import CompressionConfig
+from .config import CompressionConfig, compression_record
 from .evaluation import PerplexityResult, evaluate_perplexity
 from .integration import register
 from .integration.compress import compress
@@ -26,6 +26,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "compress",
+    "compression_record",
     "evaluate_perplexity",
     "load_model",
     "prepare_kernels",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .config import recorded_stages
+from .config import compression_record, recorded_stages
 from .data import WIKITEXT2_NAME
 from .errors import CheckpointError
 from .formats.folder import RECORD_KEY, load_config_file
@@ -339,8 +339,7 @@ def _linear_shapes(model) -> dict[str, tuple[int, int]]:
 def build_model_card(model, directory: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
     """A card for ``model`` as saved in ``directory``, with the model's own record when the folder
     holds none (a plain checkpoint) and the tags given to ``push_to_hub``."""
-    record = getattr(model, "hfcompress_config", None) or model.config.quantization_config
-    return build_folder_card(directory, record=record.to_dict(), repo_id=repo_id,
+    return build_folder_card(directory, record=compression_record(model).to_dict(), repo_id=repo_id,
                              tags=list(getattr(model, "model_tags", None) or []),
                              linear_shapes=_linear_shapes(model))
 

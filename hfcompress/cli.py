@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval_options(args) -> dict:
     return {"seq_len": args.seq_len, "stride": args.stride, "max_windows": args.max_windows,
-            "dtype": args.compute_dtype, "batch_size": args.batch_size, "split": args.split,
+            "compute_dtype": args.compute_dtype, "batch_size": args.batch_size, "split": args.split,
             "config_name": args.config_name, "text_column": args.text_column}
 
 
@@ -227,7 +227,7 @@ def _announce_calibration(model, recipe, device, data=None) -> None:
         return
     calibration = recipe.calibration or CalibrationConfig()
     device = torch.device(device) if device else None
-    dtype = model_compute_dtype(model, calibration.dtype, device)
+    dtype = model_compute_dtype(model, calibration.compute_dtype, device)
     samples, seq_len = _calibration_shape(calibration, data)
     window, total = estimate_calibration_seconds(model, samples, seq_len, dtype, device)
     precision = f"computed in {str(dtype).removeprefix('torch.')}" if dtype else "computed in the model's dtype"
@@ -252,6 +252,7 @@ def run_compress(args) -> int:
 
 def _compress_to(args, recipe, output: Path, sources: list) -> int:
     from . import compress
+    from .config import CompressionConfig
     from .data import check_text_source, describe_text_source
     from .evaluation import evaluate_perplexity
     from .io import load_model, load_processor, read_license, save_compressed
@@ -273,9 +274,9 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
     size_before = _float_bytes(model)
     before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
     _announce_calibration(model, recipe, args.device, args.calibration_data)
+    config = CompressionConfig()  # filled in by compress(); the card and config.json read this same record
     compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
-             device=args.device)
-    config = model.hfcompress_config
+             device=args.device, config=config)
     if config.base_model is None:
         config.base_model = source.hub_id
     if config.license is None:

@@ -144,6 +144,18 @@ class CompressionConfig(QuantizationConfigMixin):
         return isinstance(other, CompressionConfig) and self.to_dict() == other.to_dict()
 
 
+# A compressed model that reloads without hfcompress (uniformly pruned, nothing packed) carries no
+# quantization_config; its record waits here for the model card that save_pretrained writes. A
+# model holds its record in exactly one of the two places (see integration.quantizer).
+PLAIN_RECORD = "_hfcompress_plain_record"
+
+
+def compression_record(model) -> CompressionConfig | None:
+    """What hfcompress did to ``model``: its ``config.quantization_config`` when reloading needs the
+    plugin, else the record of a model that saves as a plain checkpoint; None when neither."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config if isinstance(config, CompressionConfig) else getattr(model, PLAIN_RECORD, None)
+
 
 # The fields of a stored config, each with the check its value must pass. A checkpoint is untrusted
 # input: a field of the wrong type, range or shape is refused here, before any module is built or

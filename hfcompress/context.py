@@ -67,5 +67,5 @@ class CompressionContext:
         return self.tokenizer
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
-        """What calibration computes in (``None``: the model's own dtype); see ``calibration.dtype``."""
-        return model_compute_dtype(model, self.calibration.dtype, self.device)
+        """What calibration computes in (``None``: the model's own dtype); see ``calibration.compute_dtype``."""
+        return model_compute_dtype(model, self.calibration.compute_dtype, self.device)

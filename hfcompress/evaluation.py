@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from collections.abc import Callable
 from typing import Any
@@ -90,14 +91,14 @@ def evaluate_perplexity(
     seq_len: int = 2048,
     stride: int | None = None,
     max_windows: int | None = None,
-    dtype: torch.dtype | str | None = "auto",
+    compute_dtype: torch.dtype | str | None = "auto",
     batch_size: int = 1,
     progress: bool = True,
     **text_kwargs,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``data`` (text file, folder, dataset, name or token ids).
 
-    ``dtype`` is what the forward passes compute in, never what the weights are stored in:
+    ``compute_dtype`` is what the forward passes compute in, never what the weights are stored in:
     ``"auto"`` (default) the model's own dtype where the hardware computes it natively, else
     float32 (a bfloat16 model on a CPU without bf16 instructions); ``"bfloat16"``/``"float16"``
     autocast; ``"float32"`` raises a lower-precision model's weights while they compute; ``None``
@@ -111,7 +112,10 @@ def evaluate_perplexity(
     if not spans or spans[0][1] - spans[0][0] < 2:
         raise DataError(f"the text has {ids.numel()} tokens, too few for one window of seq_len={seq_len}")
     device = next(model.parameters()).device
-    dtype, precision = forward_precision(model, dtype)
+    if "dtype" in text_kwargs:  # its name before calibration and the CLI agreed on one
+        warnings.warn("evaluate_perplexity(dtype=...) is now compute_dtype=...", FutureWarning, stacklevel=3)
+        compute_dtype = text_kwargs.pop("dtype")
+    dtype, precision = forward_precision(model, compute_dtype)
     total_nll, total_tokens = 0.0, 0
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
     was_training = model.training

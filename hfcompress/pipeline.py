@@ -216,5 +216,4 @@ def apply_recipe(
             _check_finite(model, f"stage {i} ({stage.name})", non_finite)
     context.original_model = None
     register_shared_tensors(model)  # each shared tensor is saved once
-    model.hfcompress_config = config  # what was done, also when nothing needs recording in config.json
     return config

@@ -25,6 +25,7 @@ import os
 import reprlib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -132,6 +133,7 @@ class _Section:
             raise RecipeError(f"recipe {path}: expected a mapping of keys, got {shown(data)}")
         hints = typing.get_type_hints(cls)
         valid = [f.name for f in dataclasses.fields(cls)]
+        data = cls._renamed(data, path)
         for key in data:
             if key not in valid:
                 raise RecipeError(
@@ -150,6 +152,19 @@ class _Section:
             return cls(**values)
         except RecipeError as err:
             raise RecipeError(f"recipe {_where(path, str(err))}") from None
+
+    # Keys read under an older name: {old: new}. Recipes stored in saved checkpoints keep loading.
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def _renamed(cls, data: dict, path: str) -> dict:
+        for old, new in cls.RENAMED.items():
+            if old in data:
+                if new in data:
+                    raise RecipeError(f"recipe {_where(path, old)}: {old!r} is the old name of {new!r}; give only {new!r}")
+                warnings.warn(f"recipe {_where(path, old)}: {old!r} is now called {new!r}", FutureWarning, stacklevel=4)
+                data = {new if key == old else key: value for key, value in data.items()}
+        return data
 
     def __post_init__(self):
         self.validate()
@@ -184,19 +199,21 @@ class CalibrationConfig(_Section):
     samples: int = 128
     seq_len: int = 2048
     seed: int = 0
-    # Compute dtype of calibration forwards and Hessians. auto: the model's own where the device
-    # computes it natively, else float32 (a bfloat16 model on a CPU without bf16 instructions);
-    # null: the model's own, always.
-    dtype: str | None = "auto"
+    # What calibration forwards and Hessians compute in (the name evaluate_perplexity and
+    # --compute-dtype use too). auto: the model's own dtype where the device computes it natively,
+    # else float32 (a bfloat16 model on a CPU without bf16 instructions); null: the model's own, always.
+    compute_dtype: str | None = "auto"
 
     DTYPES: ClassVar[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "compute_dtype"}
 
     def validate(self):
         for key in ("samples", "seq_len"):
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key}: {getattr(self, key)} must be positive")
-        if self.dtype is not None and self.dtype not in self.DTYPES:
-            raise RecipeError(f"dtype: {shown(self.dtype)} is not a compute dtype; valid: {', '.join(self.DTYPES)}")
+        if self.compute_dtype is not None and self.compute_dtype not in self.DTYPES:
+            raise RecipeError(f"compute_dtype: {shown(self.compute_dtype)} is not a compute dtype; "
+                              f"valid: {', '.join(self.DTYPES)}")
 
 
 @dataclass

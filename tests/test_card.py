@@ -107,7 +107,9 @@ def test_a_folder_being_written_is_named_as_it_will_be(tmp_path):
 def test_plain_pruned_checkpoint_gets_a_card_without_hfcompress(tmp_path):
     model = hfcompress.compress(tiny_llama(), {"stages": [{"prune": {"ffn": 0.5, "importance": "magnitude"}}]})
     assert getattr(model.config, "quantization_config", None) is None  # saves as a plain checkpoint
-    model.hfcompress_config.base_model, model.hfcompress_config.license = BASE, "apache-2.0"
+    record = hfcompress.compression_record(model)
+    assert record is not None and record.pruned is None  # kept for the card only
+    record.base_model, record.license = BASE, "apache-2.0"
     model.save_pretrained(tmp_path / "tiny-pruned")
     assert "quantization_config" not in json.loads((tmp_path / "tiny-pruned" / "config.json").read_text())
     card = load_card(tmp_path / "tiny-pruned")

@@ -50,10 +50,13 @@ def test_max_windows_and_bf16_compute():
     model = tiny_llama()
     ids = torch.randint(0, 300, (1000,), generator=torch.Generator().manual_seed(2))
     fp32 = evaluate_perplexity(model, None, ids, seq_len=128, max_windows=2, progress=False)
-    bf16 = evaluate_perplexity(model, None, ids, seq_len=128, max_windows=2, dtype="bfloat16", progress=False)
+    bf16 = evaluate_perplexity(model, None, ids, seq_len=128, max_windows=2, compute_dtype="bfloat16", progress=False)
     assert fp32.windows == 2 and bf16.dtype == "bfloat16"
     assert bf16.nll == pytest.approx(fp32.nll, rel=0.02) and bf16.nll != fp32.nll
     assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
+    with pytest.warns(FutureWarning, match="now compute_dtype"):  # the old keyword still works
+        old = evaluate_perplexity(model, None, ids, seq_len=128, max_windows=2, dtype="bfloat16", progress=False)
+    assert old.nll == bf16.nll
 
 
 def test_text_data_and_too_short_text(tmp_path, tokenizer):
@@ -150,5 +153,5 @@ def test_evaluation_keeps_no_autograd_graph():
     model.register_forward_hook(lambda module, args, output: tracked.append(output.logits.requires_grad))
     ids = torch.randint(0, 300, (300,), generator=torch.Generator().manual_seed(4))
     evaluate_perplexity(model, None, ids, seq_len=128, progress=False)
-    evaluate_perplexity(model.to(torch.bfloat16), None, ids, seq_len=128, dtype="float32", progress=False)
+    evaluate_perplexity(model.to(torch.bfloat16), None, ids, seq_len=128, compute_dtype="float32", progress=False)
     assert tracked == [False] * 4  # activations are freed as the forward goes, whatever the precision

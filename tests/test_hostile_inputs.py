@@ -192,8 +192,9 @@ def saved_models(tmp_path_factory):
     hfcompress.compress(shared, {"stages": [{"share": {"every": 2, "parts": ["mlp"], "lora_rank": 2}},
                                             {"quantize": dict(RTN)}]})
     for name, model in {"pruned": pruned, "shared": shared}.items():
-        model.hfcompress_config.metrics["perplexity"] = {"perplexity": 12.5, "windows": 3, "seq_len": 16}
-        model.hfcompress_config.base_model, model.hfcompress_config.license = "org/tiny", "apache-2.0"
+        record = model.config.quantization_config
+        record.metrics["perplexity"] = {"perplexity": 12.5, "windows": 3, "seq_len": 16}
+        record.base_model, record.license = "org/tiny", "apache-2.0"
         model.save_pretrained(root / name, save_format="native")
         models[name] = root / name
     return models

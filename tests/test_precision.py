@@ -61,7 +61,7 @@ def test_float32_evaluation_of_a_bf16_model_equals_its_float32_copy(monkeypatch)
 
 
 def gptq_recipe(dtype):
-    return {"calibration": {"dtype": dtype},
+    return {"calibration": {"compute_dtype": dtype},
             "stages": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True,
                                      "static_groups": True}}]}
 

@@ -213,3 +213,11 @@ def test_prune_after_layer_sharing_is_refused_when_the_recipe_is_read():
     with pytest.raises(RecipeError, match=r"stages\[1\]: prune after share; .*put the prune stage before share"):
         Recipe.from_dict({"stages": [{"share": {"every": 2}}, {"prune": {"ffn": 0.25}}]})
     Recipe.from_dict({"stages": [{"share": {"tie_embeddings": "input"}}, {"prune": {"ffn": 0.25}}]})  # no layers shared
+
+
+def test_calibration_dtype_is_read_under_its_old_name_with_a_warning():
+    with pytest.warns(FutureWarning, match="'dtype' is now called 'compute_dtype'"):
+        recipe = Recipe.load({"calibration": {"dtype": "float32"}, "stages": ["quantize"]})
+    assert recipe.calibration.compute_dtype == "float32" and "dtype" not in recipe.calibration.to_dict()
+    with pytest.raises(RecipeError, match="give only 'compute_dtype'"):
+        Recipe.load({"calibration": {"dtype": "float32", "compute_dtype": "auto"}, "stages": ["quantize"]})

@@ -135,7 +135,7 @@ def test_a_reloaded_shared_model_quantizes_and_reloads_shared_again(tmp_path):
     model.save_pretrained(tmp_path / "shared")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shared")
     hfcompress.compress(reloaded, {"stages": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}]})
-    assert reloaded.hfcompress_config.shared == model.hfcompress_config.shared
+    assert reloaded.config.quantization_config.shared == model.config.quantization_config.shared
     expected = output(reloaded)
     reloaded.save_pretrained(tmp_path / "quantized")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized")
@@ -201,7 +201,7 @@ def test_a_shared_weight_is_quantized_once_and_reloads_shared(tmp_path, method, 
     hfcompress.compress(model, recipe, calibration_data=WINDOWS)
     layers = model.model.layers
     assert type(layers[1].mlp.down_proj).__name__ == "QuantLinear" and layers[1].mlp.down_proj is layers[0].mlp.down_proj
-    modules = model.hfcompress_config.modules
+    modules = model.config.quantization_config.modules
     assert "model.layers.0.mlp.down_proj" in modules and "model.layers.1.mlp.down_proj" not in modules
     if method == "gptq":
         # Per block: q/k/v, o, then gate/up and down once per group (at its second layer) -> 4 x 2 + 2 x 2.

@@ -67,7 +67,7 @@ def test_smollm2_gptq_group128_ragged_end_to_end(tmp_path, smollm2):
     reference, tokenizer, _ = smollm2
     model = copy.deepcopy(reference)
     windows = calibration_windows(tokenizer, bundled_text("calibration"), samples=4, seq_len=256, seed=0)
-    recipe = {"calibration": {"dtype": "bfloat16"}, "stages": [{"quantize": {
+    recipe = {"calibration": {"compute_dtype": "bfloat16"}, "stages": [{"quantize": {
         "method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True}}]}
     compress(model, recipe, calibration_data=windows)
     layer = model.model.layers[0].self_attn.q_proj

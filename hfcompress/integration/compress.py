@@ -44,7 +44,8 @@ def compress(
     The result records its recipe and formats in ``model.config.quantization_config`` so that
     ``save_pretrained`` and ``from_pretrained`` round-trip it; a model that needs nothing of
     hfcompress to reload (uniformly pruned, nothing packed) gets no such entry and saves as a plain
-    checkpoint. Either way ``model.hfcompress_config`` holds what was done.
+    checkpoint. Either way :func:`hfcompress.compression_record` returns what was done, and the record
+    passed as ``config`` (filled in place) is that same object.
     """
     recipe = Recipe.load(recipe)  # a bad recipe is refused before the model is touched
     release_foreign_quantization(model)

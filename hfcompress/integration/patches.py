@@ -29,7 +29,7 @@ import tempfile
 
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from ..config import CompressionConfig
+from ..config import CompressionConfig, compression_record
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _save_pretrained(original, self, save_directory, *args, save_format="auto", 
 
 def _has_record(model) -> bool:
     """Whether hfcompress compressed ``model``, also when it saves as a plain checkpoint."""
-    return is_compressed(model) or getattr(model, "hfcompress_config", None) is not None
+    return is_compressed(model) or compression_record(model) is not None
 
 
 def _save_and_finish(original, self, save_directory, *args, save_format="auto", **kwargs):

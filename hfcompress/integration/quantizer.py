@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from ..config import FORMAT_VERSION, QUANT_METHOD, CompressionConfig
+from ..config import FORMAT_VERSION, PLAIN_RECORD, QUANT_METHOD, CompressionConfig
 from ..formats import compressed_tensors
 from ..formats.checkpoint import check_quantized_checkpoint, packed_conversions
 from ..pipeline import apply_recipe, rebuild
@@ -140,8 +140,12 @@ def detach_config(model: nn.Module) -> None:
 
 
 def attach_or_detach(model: nn.Module, config: CompressionConfig) -> None:
-    """After a recipe ran: the quantizer when reloading needs hfcompress, else a plain checkpoint."""
+    """After a recipe ran: the quantizer when reloading needs hfcompress, else a plain checkpoint
+    whose record (:func:`~hfcompress.config.compression_record`) stays only for its model card."""
     if config.needs_plugin():
         attach_config(model, config)
+        if hasattr(model, PLAIN_RECORD):
+            delattr(model, PLAIN_RECORD)
     else:
         detach_config(model)
+        setattr(model, PLAIN_RECORD, config)

@@ -157,7 +157,7 @@ class Perplexity(evaluate.Metric):
                            seq_len, ids.numel())
             seq_len = ids.numel()
         corpus = evaluate_perplexity(model, tokenizer, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
-                                     dtype=compute_dtype, progress=False)
+                                     compute_dtype=compute_dtype, progress=False)
         return {"perplexities": perplexities, "mean_perplexity": sum(perplexities) / len(perplexities),
                 "perplexity": corpus.perplexity, "nll": corpus.nll, "tokens": corpus.tokens,
                 "windows": corpus.windows}
