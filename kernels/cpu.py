@@ -113,7 +113,9 @@ class Int8Weight:
 
 def prepare_int8(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Int8Weight | None:
     """Repack 8-bit codes with one group per row (``scales``/``zeros [1, N]``), or None."""
-    if not int8_available() or scales.shape[0] != 1:
+    # torch's int8 matmul reads the inner dimension 8 columns at a time and crashes (SIGSEGV in
+    # torch 2.13, for more than one row of x) when in_features is not a multiple of 8.
+    if not int8_available() or scales.shape[0] != 1 or q.shape[1] % 8:
         return None
     s, z = scales[0].float(), zeros[0].float()
     correction = None if bool((z == 128).all()) else (s * (z - 128)).contiguous()

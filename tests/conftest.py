@@ -4,6 +4,7 @@ with a tiny byte-level tokenizer, and the paths of the project's shared data."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,28 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer):
 
 
 W4G64 = {"stages": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 64, "sym": True}}]}
+
+
+class Reads:
+    """Paths opened for reading while ``watching`` (an audit hook: it sees every open, in any library)."""
+
+    def __init__(self):
+        self.watching = False
+        self.paths: list[str] = []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event, args):
+        if self.watching and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            self.paths.append(os.fsdecode(args[0]))
+
+
+READS = Reads()  # one hook for the session: audit hooks cannot be removed
+
+
+@torch.no_grad()
+def scrambled(model):
+    """``model`` with every parameter moved off its values: a resumed run must load its checkpoint
+    to end where an uninterrupted one does."""
+    for parameter in model.parameters():
+        parameter.add_(torch.randn_like(parameter) * 0.1 + 0.1)
+    return model

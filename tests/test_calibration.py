@@ -205,10 +205,17 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, tiny_llama_dir, mon
     with pytest.raises(KeyboardInterrupt):
         hfcompress.compress(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), gptq(), calibration_data=windows,
                             resume_dir=state)
-    monkeypatch.setattr(gptq_runner.GPTQBlockQuantizer, "quantize_block", original)
-    calls["n"] = 0
+    solved = []
+
+    def count(self, *args, **kwargs):
+        solved.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gptq_runner.GPTQBlockQuantizer, "quantize_block", count)
     resumed = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert len(resumed.model.layers) == 2
     hfcompress.compress(resumed, gptq(), calibration_data=windows, resume_dir=state)
+    assert len(solved) == 1  # block 1 came from the saved state; only block 2 was solved again
     resumed.save_pretrained(tmp_path / "resumed")
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import scrambled, tiny_llama
 
 import hfcompress
 from hfcompress.distillation import DistillationTrainer, DistillationTrainingArguments, PackedBlocks
@@ -84,7 +84,7 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path):
                                                                   save_steps=3), teacher_model=teacher,
                                 train_dataset=blocks)
     first.train()
-    resumed_model = copy.deepcopy(student)
+    resumed_model = scrambled(copy.deepcopy(student))  # equal at the end only if the checkpoint loaded
     resumed = DistillationTrainer(resumed_model, arguments(tmp_path / "b"), teacher_model=teacher, train_dataset=blocks)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-3"))
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -106,8 +106,16 @@ def test_hidden_states_of_a_narrower_student_go_through_learned_projections(tmp_
 @pytest.mark.parametrize("divergence", ["reverse", "jsd"])
 def test_other_divergences_train(tmp_path, divergence):
     teacher, student = teacher_and_student()
-    DistillationTrainer(student, arguments(tmp_path, max_steps=2, divergence=divergence), teacher_model=teacher,
-                        train_dataset=PackedBlocks(IDS, 32)).train()
+    blocks = PackedBlocks(IDS[: 8 * 32], 32)
+    forward = DistillationTrainer(copy.deepcopy(student), arguments(tmp_path / "kl", ce_weight=0.0),
+                                  teacher_model=teacher, train_dataset=blocks)
+    trainer = DistillationTrainer(student, arguments(tmp_path, max_steps=20, per_device_train_batch_size=8,
+                                                     ce_weight=0.0, divergence=divergence),
+                                  teacher_model=teacher, train_dataset=blocks)
+    before = batch_loss(trainer, blocks)
+    assert before != pytest.approx(batch_loss(forward, blocks), rel=1e-3)  # this divergence, not forward KL
+    trainer.train()
+    assert batch_loss(trainer, blocks) < 0.7 * before
 
 
 def test_mismatched_teachers_and_arguments_are_clear_errors(tmp_path, tokenizer):
@@ -219,6 +227,9 @@ def test_distill_stage_while_loading(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression=recipe)
     assert model.config.num_attention_heads == 3
     assert getattr(model.config, "quantization_config", None) is None  # a plain checkpoint again
+    pruned = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, compression={"stages": [recipe["stages"][0]]})
+    assert pruned.config.num_attention_heads == 3
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, pruned.model.layers[0].mlp.down_proj.weight)
 
 
 def test_a_stage_that_leaves_non_finite_weights_is_refused_and_nothing_is_saved(tmp_path, monkeypatch):

@@ -104,6 +104,11 @@ def test_license_is_read_from_gguf_metadata_a_folder_card_or_the_hub(tmp_path, m
     with caplog.at_level(logging.DEBUG, logger="hfcompress.io"):
         assert read_license(ModelSource("org/name", hub_id="org/name")) is None
     assert "license unknown" in caplog.text
+
+    def online(repo_id, **kwargs):
+        raise AssertionError("online=False asked the Hub")
+
+    monkeypatch.setattr(ModelCard, "load", online)
     assert read_license(ModelSource("org/name", hub_id="org/name"), online=False) is None
 
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import READS, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -119,11 +119,16 @@ def test_our_readers_refuse_the_same_fields(saved, tmp_path, case):
 
 def test_a_recipe_is_never_read_from_a_path_named_in_the_checkpoint(saved, tmp_path):
     secret = tmp_path / "secret.yaml"
-    secret.write_text("stages:\n  - quantize: {bits: 4, secret_token: hunter2}\n")
+    secret.write_text("stages:\n  - quantize: {bits: 4}\n")  # a valid recipe: reading it would raise nothing
     folder = _edit(saved, tmp_path, "shared", _set("recipe", str(secret)))
-    with pytest.raises(CheckpointError) as refused:
-        AutoModelForCausalLM.from_pretrained(folder)
-    assert "hunter2" not in str(refused.value)
+    READS.paths.clear()
+    READS.watching = True
+    try:
+        with pytest.raises(CheckpointError, match="expected the recipe as a mapping"):
+            AutoModelForCausalLM.from_pretrained(folder)
+    finally:
+        READS.watching = False
+    assert str(secret) not in READS.paths
 
 
 @pytest.mark.parametrize("tensor, dtype, shown", [("qweight", torch.float32, "F32 (expected I32)"),
