@@ -30,12 +30,14 @@ True
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .linear_format import LinearFormat
 from .errors import CheckpointError
+from .linear_format import FormatError, LinearFormat
+from .models.layout import LayerSizes
 from .recipe import INT_LIMIT, Recipe, RecipeError, shown
 
 QUANT_METHOD = "hfcompress"
@@ -53,8 +55,8 @@ class CompressionConfig(QuantizationConfigMixin):
         base_model: str | None = None,
         license: str | None = None,
         metrics: dict | None = None,
-        pruned: dict | None = None,
-        shared: dict | None = None,
+        pruned: PrunedRecord | dict | None = None,
+        shared: SharedRecord | dict | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         storage: str = QUANT_METHOD,
@@ -91,12 +93,8 @@ class CompressionConfig(QuantizationConfigMixin):
         self.base_model = base_model
         self.license = license  # the source model's license, carried to the model card
         self.metrics = dict(metrics or {})
-        # Per-layer sizes after structured pruning, when the model's config cannot express them:
-        # {"head_dim": d, "layers": [{"heads": h, "kv_heads": kv, "ffn": f}, ...]}.
-        self.pruned = copy.deepcopy(pruned) if pruned else None
-        # Modules used by several layers, stored once: {"modules": {user: owner}, "lora": {"rank": r,
-        # "modules": [...]}} (see hfcompress.sharing); owners are the names the tensors are saved under.
-        self.shared = copy.deepcopy(shared) if shared else None
+        self.pruned: PrunedRecord | None = _as_record(PrunedRecord, pruned)
+        self.shared: SharedRecord | None = _as_record(SharedRecord, shared)
 
     def needs_plugin(self) -> bool:
         """Whether reloading needs hfcompress: packed modules, or shapes the config cannot express."""
@@ -121,9 +119,9 @@ class CompressionConfig(QuantizationConfigMixin):
         out["recipe"] = None if self.recipe is None else self.recipe.to_dict()
         out["quantized"] = [{**fmt.to_dict(), "modules": names} for fmt, names in groups.items()]
         if self.pruned:
-            out["pruned"] = copy.deepcopy(self.pruned)
+            out["pruned"] = self.pruned.to_dict()
         if self.shared:
-            out["shared"] = copy.deepcopy(self.shared)
+            out["shared"] = self.shared.to_dict()
         if self.storage != QUANT_METHOD:
             out["storage"] = self.storage
         if self.base_model is not None:
@@ -162,7 +160,7 @@ def compression_record(model) -> CompressionConfig | None:
 # any tensor allocated from it, and no field is ever read as a path (a recipe is stored inline).
 RECORD_KEYS = ("quant_method", "format_version", "recipe", "quantized", "pruned", "shared", "base_model",
                "license", "metrics", "storage")
-FORMAT_KEYS = ("bits", "group_size", "sym", "act_order", "scale_dtype")
+FORMAT_KEYS = tuple(f.name for f in fields(LinearFormat))
 NAME_LIMIT = 1000  # characters in a module name; real ones are well under 200
 
 
@@ -197,20 +195,29 @@ def _check_quantized(groups: Any) -> None:
     seen: set[str] = set()
     for i, group in enumerate(groups):
         where = f"quantized[{i}]"
-        _expect(isinstance(group, dict) and set(group) <= {*FORMAT_KEYS, "modules"} and {"bits", "group_size", "sym", "modules"} <= set(group),
+        _expect(isinstance(group, dict) and set(group) <= {*FORMAT_KEYS, "modules"}
+                and {"bits", "group_size", "sym", "modules"} <= set(group),
                 where, f"a mapping with keys {', '.join(FORMAT_KEYS)}, modules", group)
-        _expect(group["bits"] in (2, 3, 4, 8) and type(group["bits"]) is int, f"{where}.bits", "2, 3, 4 or 8", group["bits"])
-        size = group["group_size"]
-        _integer(size, f"{where}.group_size", -1)
-        _expect(size != 0, f"{where}.group_size", "-1 (one group per row) or a positive size", size)
-        for key in ("sym", "act_order"):
-            _expect(isinstance(group.get(key, False), bool), f"{where}.{key}", "true or false", group.get(key))
-        _expect(group.get("scale_dtype", "float16") in ("float16", "bfloat16", "float32"), f"{where}.scale_dtype",
-                "float16, bfloat16 or float32", group.get("scale_dtype"))
+        try:
+            LinearFormat(**{key: group[key] for key in FORMAT_KEYS if key in group})
+        except FormatError as err:
+            _expect(False, f"{where}.{err.field}", err.expected, err.value)
         _names(group["modules"], f"{where}.modules")
         again = seen.intersection(group["modules"])
         _expect(not again, f"{where}.modules", "each module in one group", sorted(again))
         seen.update(group["modules"])
+
+
+def _as_record(kind: type, value: Any):
+    """A record given as its dataclass or as the mapping config.json holds (checked), or None."""
+    if not value:
+        return None
+    if isinstance(value, kind):
+        return copy.deepcopy(value)
+    try:
+        return kind.from_dict(value)
+    except _Refused as refused:
+        raise ValueError(str(refused)) from None
 
 
 def _check_pruned(pruned: Any) -> None:
@@ -246,6 +253,53 @@ def _check_shared(shared: Any) -> None:
         _names(lora["modules"], "shared.lora.modules")
 
 
+@dataclass
+class PrunedRecord:
+    """Per-layer sizes after structured pruning, when the model's config cannot express them
+    (``config.json``: ``{"head_dim": d, "layers": [{"heads": h, "kv_heads": kv, "ffn": f}, ...]}``)."""
+
+    head_dim: int
+    layers: list[LayerSizes]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PrunedRecord:
+        _check_pruned(data)
+        return cls(data["head_dim"], [LayerSizes(**sizes) for sizes in data["layers"]])
+
+    def to_dict(self) -> dict:
+        return {"head_dim": self.head_dim, "layers": [sizes.to_dict() for sizes in self.layers]}
+
+
+@dataclass
+class LoraRecord:
+    """The low-rank corrections that let each user of a shared linear differ (``rank``, wrapper names)."""
+
+    rank: int
+    modules: list[str]
+
+
+@dataclass
+class SharedRecord:
+    """Modules used by several layers, stored once (see :mod:`hfcompress.sharing`): ``modules`` maps
+    each user to its owner, the name its tensors are saved under (``config.json``:
+    ``{"modules": {user: owner}, "lora": {"rank": r, "modules": [...]}}``)."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+    lora: LoraRecord | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SharedRecord:
+        _check_shared(data)
+        lora = data.get("lora")
+        return cls(dict(data.get("modules", {})), LoraRecord(lora["rank"], list(lora["modules"])) if lora else None)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"modules": dict(self.modules)}
+        if self.lora is not None:
+            out["lora"] = {"rank": self.lora.rank, "modules": list(self.lora.modules)}
+        return out
+
+
 def check_record(record: Any) -> None:
     """Raise :class:`CheckpointError` unless ``record`` is a well-formed hfcompress
     ``quantization_config``: known keys, the exact format version, and every field of the type
@@ -275,9 +329,9 @@ def check_record(record: Any) -> None:
         if "quantized" in record:
             _check_quantized(record["quantized"])
         if record.get("pruned"):
-            _check_pruned(record["pruned"])
+            PrunedRecord.from_dict(record["pruned"])
         if record.get("shared"):
-            _check_shared(record["shared"])
+            SharedRecord.from_dict(record["shared"])
         for key in ("base_model", "license"):
             value = record.get(key)
             _expect(value is None or (isinstance(value, str) and len(value) <= NAME_LIMIT), key, "a short string", value)

@@ -15,6 +15,15 @@ import torch
 # Code widths the packing (quantization/pack.py) and the kernels handle.
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GROUP_LIMIT = 2**31 - 1  # sizes are stored as int32 by every reader
+
+
+class FormatError(ValueError):
+    """One field of a :class:`LinearFormat` out of range: which, what it must be, what it was."""
+
+    def __init__(self, field: str, expected: str, value):
+        super().__init__(f"{field}: expected {expected}, got {value!r:.40}")
+        self.field, self.expected, self.value = field, expected, value
 
 
 @dataclass(frozen=True)
@@ -28,16 +37,22 @@ class LinearFormat:
     scale_dtype: str = "float16"
 
     def __post_init__(self):
-        if type(self.bits) is not int or type(self.group_size) is not int:
-            raise ValueError(f"bits and group_size must be whole numbers, got {self.bits!r:.40} and {self.group_size!r:.40}")
-        if not isinstance(self.sym, bool) or not isinstance(self.act_order, bool):
-            raise ValueError(f"sym and act_order must be true or false, got {self.sym!r:.40} and {self.act_order!r:.40}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ValueError(f"group_size={self.group_size} must be -1 (one group per row) or positive")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+        # The one check of a format, whether a stage builds it or config.json describes it (the
+        # config's reader adds where in the file the field was).
+        whole = type(self.group_size) is int and -1 <= self.group_size <= GROUP_LIMIT
+        checks = (
+            ("bits", type(self.bits) is int and self.bits in SUPPORTED_BITS,
+             ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"),
+            ("group_size", whole, f"a whole number from -1 to {GROUP_LIMIT:,}"),
+            ("group_size", self.group_size != 0, "-1 (one group per row) or a positive size"),
+            ("sym", isinstance(self.sym, bool), "true or false"),
+            ("act_order", isinstance(self.act_order, bool), "true or false"),
+            ("scale_dtype", isinstance(self.scale_dtype, str) and self.scale_dtype in SCALE_DTYPES,
+             ", ".join(list(SCALE_DTYPES)[:-1]) + f" or {list(SCALE_DTYPES)[-1]}"),
+        )
+        for field, ok, expected in checks:
+            if not ok:
+                raise FormatError(field, expected, getattr(self, field))
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

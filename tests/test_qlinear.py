@@ -58,9 +58,9 @@ def test_bf16_activations_give_bf16_outputs():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"bits": 5, "group_size": 32, "sym": True}, "valid: 2, 3, 4, 8"),
-    ({"bits": 4, "group_size": 0, "sym": True}, "group_size=0"),
-    ({"bits": 4, "group_size": 32, "sym": True, "scale_dtype": "int8"}, "scale_dtype"),
+    ({"bits": 5, "group_size": 32, "sym": True}, "bits: expected 2, 3, 4 or 8, got 5"),
+    ({"bits": 4, "group_size": 0, "sym": True}, r"group_size: expected -1 \(one group per row\) or a positive size, got 0"),
+    ({"bits": 4, "group_size": 32, "sym": True, "scale_dtype": "int8"}, "scale_dtype: expected float16, bfloat16 or float32"),
 ])
 def test_invalid_formats_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

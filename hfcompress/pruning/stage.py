@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import CompressionConfig
+from ..config import CompressionConfig, PrunedRecord
 from ..context import CompressionContext
 from ..errors import CheckpointError
 from ..models import (blocks_path, decoder_blocks, final_norm, keep_inputs, keep_outputs, linear_shape, model_configs,
@@ -285,7 +285,7 @@ def _write_config(model: nn.Module, layout: PruningLayout | None, blocks, config
     if layout is None:
         raise PruningError(f"the pruned {model.config.model_type!r} model cannot be described by its config; "
                            "this prune is not supported for it")
-    config.pruned = {"head_dim": layout.head_dim(), "layers": [s.to_dict() for s in sizes]}
+    config.pruned = PrunedRecord(layout.head_dim(), list(sizes))
     logger.info("per-layer sizes recorded in quantization_config.pruned: reloading this model needs "
                 "`import hfcompress`")
 
@@ -334,14 +334,14 @@ def rebuild_pruned_structure(model: nn.Module, config: CompressionConfig) -> Non
         return
     layout = layout_of(model)
     blocks = decoder_blocks(model)
-    layers = [LayerSizes(**sizes) for sizes in config.pruned["layers"]]
+    layers = config.pruned.layers
     if len(layers) != len(blocks):
         raise CheckpointError(f"config.json quantization_config.pruned describes {len(layers)} layers, the model has "
                               f"{len(blocks)}: the config is corrupt or was edited")
     # Pruning only removes: each layer's sizes fit inside the unpruned layer the model's config builds.
     full, head_dim = layout.sizes(blocks[0]), layout.head_dim()
-    if config.pruned["head_dim"] != head_dim:
-        raise CheckpointError(f"config.json quantization_config.pruned.head_dim is {config.pruned['head_dim']}, the "
+    if config.pruned.head_dim != head_dim:
+        raise CheckpointError(f"config.json quantization_config.pruned.head_dim is {config.pruned.head_dim}, the "
                               f"model's is {head_dim}: the config is corrupt or was edited")
     for i, sizes in enumerate(layers):
         if (sizes.heads > full.heads or sizes.kv_heads > full.kv_heads or sizes.ffn > full.ffn
@@ -350,4 +350,4 @@ def rebuild_pruned_structure(model: nn.Module, config: CompressionConfig) -> Non
                                   f"not fit inside the unpruned layer {full.to_dict()} (or splits key/value groups): "
                                   "the config is corrupt or was edited")
     for block, sizes in zip(blocks, layers):
-        layout.reshape(block, sizes, config.pruned["head_dim"])
+        layout.reshape(block, sizes, config.pruned.head_dim)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import CompressionConfig
+from ..config import CompressionConfig, SharedRecord
 from ..context import CompressionContext
 from ..errors import CheckpointError, UserError
 from ..models import (ArchitectureError, block_names, decoder_blocks, find_fused_experts, find_linear_layers, is_linear,
@@ -184,7 +184,7 @@ def quantize_embeddings(model: nn.Module, stage: QuantizeStage, config: Compress
     config.modules[name] = fmt
     if tied:
         model.set_submodule(head_name, table)  # one object: the lookup and the output projection
-        config.shared = merge_records(config.shared, {"modules": {head_name: name}})
+        config.shared = merge_records(config.shared, SharedRecord({head_name: name}))
         for cfg in model_configs(model):  # the sharing record ties them now, not transformers
             cfg.tie_word_embeddings = False
         if hasattr(model, "all_tied_weights_keys"):

@@ -11,8 +11,8 @@ With ``lora_rank > 0`` every user wraps the shared module in :class:`SharedLinea
 low-rank correction of its own that starts at zero (relaxed sharing, as in the Relaxed Recursive
 Transformers paper): the shared weights stay shared and quantizable, the deltas stay in float.
 
-Storage: the config records ``{"modules": {user: owner}}`` (``owner`` is the first layer of the
-group), ``save_pretrained`` writes the owner's tensors only (the users' names go into the model's
+Storage: the config records a :class:`~hfcompress.config.SharedRecord` ``{user: owner}`` (``owner``
+is the first layer of the group), ``save_pretrained`` writes the owner's tensors only (the users' names go into the model's
 ``_keys_to_ignore_on_save``), and on load the users are pointed at the owner's modules again
 after the weights are in.
 """
@@ -27,6 +27,7 @@ from itertools import chain
 import torch
 from torch import nn
 
+from ..config import LoraRecord, SharedRecord
 from ..errors import CheckpointError, UserError
 from ..models import LINEAR_TYPES, ArchitectureError, decoder_blocks, linear_shape, linear_weight
 from ..models.layout import common_layout
@@ -97,7 +98,7 @@ def groups_of(every: int, n_layers: int) -> list[list[int]]:
 
 @torch.no_grad()
 def share_layers(model: nn.Module, groups: list[list[int]], parts: list[str], init: str | int = "mean",
-                 lora_rank: int = 0) -> dict:
+                 lora_rank: int = 0) -> SharedRecord:
     """Make each group of decoder layers share ``parts``; return the record for the config."""
     blocks = decoder_blocks(model)
     check_groups(groups, len(blocks))
@@ -136,10 +137,7 @@ def share_layers(model: nn.Module, groups: list[list[int]], parts: list[str], in
                     modules_map[name] = owner + (".base" if lora_rank else "")
     logger.info("share: %d groups of layers share %s (%d modules each stored once%s)", len(groups),
                 " and ".join(parts), len(modules_map), f", rank-{lora_rank} corrections per layer" if lora_rank else "")
-    record: dict = {"modules": modules_map}
-    if lora_rank:
-        record["lora"] = {"rank": lora_rank, "modules": wrappers}
-    return record
+    return SharedRecord(modules_map, LoraRecord(lora_rank, wrappers) if lora_rank else None)
 
 
 def _initial_module(members: list[nn.Module], init: str | int) -> nn.Module:
@@ -155,48 +153,46 @@ def _initial_module(members: list[nn.Module], init: str | int) -> nn.Module:
     return shared
 
 
-def merge_records(old: dict | None, new: dict) -> dict:
+def merge_records(old: SharedRecord | None, new: SharedRecord) -> SharedRecord:
     """The config record after another share stage."""
     if not old:
         return new
-    merged = {"modules": {**old.get("modules", {}), **new.get("modules", {})}}
-    lora = [r["lora"] for r in (old, new) if r.get("lora")]
-    if len({r["rank"] for r in lora}) > 1:
+    lora = [r.lora for r in (old, new) if r.lora]
+    if len({r.rank for r in lora}) > 1:
         raise SharingError("share: two share stages with different lora_rank values; use one rank")
-    if lora:
-        merged["lora"] = {"rank": lora[0]["rank"], "modules": [m for r in lora for m in r["modules"]]}
-    return merged
+    merged_lora = LoraRecord(lora[0].rank, [m for r in lora for m in r.modules]) if lora else None
+    return SharedRecord({**old.modules, **new.modules}, merged_lora)
 
 
-def tie_shared_modules(model: nn.Module, record: dict | None) -> None:
+def tie_shared_modules(model: nn.Module, record: SharedRecord | None) -> None:
     """Point every user at its owner's module (after a stage replaced the owner, or after loading)."""
     if not record:
         return
-    for user, owner in record.get("modules", {}).items():
+    for user, owner in record.modules.items():
         model.set_submodule(user, model.get_submodule(owner))
     register_shared_tensors(model)
 
 
-def rebuild_shared_structure(model: nn.Module, record: dict | None) -> None:
+def rebuild_shared_structure(model: nn.Module, record: SharedRecord | None) -> None:
     """Before the weights load: the relaxed-sharing wrappers, and tell transformers that the users'
     tensors are not in the file (they are tied to the owners' after loading)."""
     if not record:
         return
-    lora = record.get("lora")
-    for name in (lora or {}).get("modules", []):
+    lora = record.lora
+    for name in lora.modules if lora else []:
         base = _stored_module(model, name, "shared.lora.modules")
         try:
             width = min(linear_shape(base))
         except (AttributeError, TypeError):
             raise CheckpointError(f"config.json quantization_config.shared.lora names {name!r}, which is not a "
                                   f"linear layer of {type(model).__name__}: the config does not belong to this model") from None
-        if lora["rank"] > width:
-            raise CheckpointError(f"config.json quantization_config.shared.lora.rank is {lora['rank']}, more than "
+        if lora.rank > width:
+            raise CheckpointError(f"config.json quantization_config.shared.lora.rank is {lora.rank}, more than "
                                   f"{name}'s smaller side ({width}): the config is corrupt or was edited")
-        model.set_submodule(name, SharedLinearDelta(base, lora["rank"]))
-    for user, owner in record.get("modules", {}).items():
+        model.set_submodule(name, SharedLinearDelta(base, lora.rank))
+    for user, owner in record.modules.items():
         _check_same_shapes(model, user, owner)
-    patterns = {rf"^{re.escape(user)}\." for user in record.get("modules", {})}
+    patterns = {rf"^{re.escape(user)}\." for user in record.modules}
     model._keys_to_ignore_on_load_missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()) | patterns
 
 
