@@ -1,5 +1,4 @@
-"""transformers integration: the quantizer plugin, the from_pretrained/save_pretrained wrappers,
-and peft's adapters on packed layers."""
+"""transformers integration: the quantizer plugin and the from_pretrained/save_pretrained wrappers."""
 
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -9,7 +8,7 @@ from transformers.quantizers.auto import (
 )
 
 from ..config import QUANT_METHOD, CompressionConfig
-from . import patches, peft
+from . import patches
 from .quantizer import CompressionQuantizer
 
 
@@ -20,4 +19,3 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not CompressionQuantizer:
         register_quantizer(QUANT_METHOD)(CompressionQuantizer)
     patches.install()
-    peft.install()  # LoRA on packed layers, once peft is imported
