@@ -402,7 +402,6 @@ class DistillStage(_Section):
     """
 
     name: ClassVar[str] = "distill"
-    DIVERGENCES: ClassVar[tuple[str, ...]] = DIVERGENCES
 
     teacher: str = "original"
     data: str | None = None

@@ -144,8 +144,7 @@ def attach_or_detach(model: nn.Module, config: CompressionConfig) -> None:
     whose record (:func:`~hfcompress.config.compression_record`) stays only for its model card."""
     if config.needs_plugin():
         attach_config(model, config)
-        if hasattr(model, PLAIN_RECORD):
-            delattr(model, PLAIN_RECORD)
+        vars(model).pop(PLAIN_RECORD, None)
     else:
         detach_config(model)
         setattr(model, PLAIN_RECORD, config)

@@ -12,9 +12,9 @@ low-rank correction of its own that starts at zero (relaxed sharing, as in the R
 Transformers paper): the shared weights stay shared and quantizable, the deltas stay in float.
 
 Storage: the config records a :class:`~hfcompress.config.SharedRecord` ``{user: owner}`` (``owner``
-is the first layer of the group), ``save_pretrained`` writes the owner's tensors only (the users' names go into the model's
-``_keys_to_ignore_on_save``), and on load the users are pointed at the owner's modules again
-after the weights are in.
+is the first layer of the group), ``save_pretrained`` writes the owner's tensors only (the users'
+names go into the model's ``_keys_to_ignore_on_save``), and on load the users are pointed at the
+owner's modules again after the weights are in.
 """
 
 from __future__ import annotations
