@@ -385,11 +385,13 @@ def check_loss_weights(kl: float, ce: float, hidden: float, attention: float) ->
         raise RecipeError("loss: weights must be >= 0 and at least one positive (kl, ce, hidden, attention)")
 
 
-def check_divergence(divergence: str, temperature: float) -> None:
+def check_divergence(divergence: str, temperature: float, beta: float = 0.5) -> None:
     if divergence not in DIVERGENCES:
         raise RecipeError(f"divergence: {shown(divergence)} is not valid; valid: {', '.join(DIVERGENCES)}")
     if not temperature > 0:
         raise RecipeError(f"temperature: {temperature} must be positive")
+    if not 0 <= beta <= 1:
+        raise RecipeError(f"beta: {beta} must lie in [0, 1] (jsd: 0 is forward KL, 1 reverse KL, as in TRL's GKD)")
 
 
 @dataclass
@@ -413,6 +415,7 @@ class DistillStage(_Section):
     warmup: float = 0.05  # fraction of the steps with a linearly rising learning rate (then cosine decay)
     temperature: float = 2.0
     divergence: str = "forward"
+    beta: float = 0.5  # jsd only: the generalized JSD's interpolation (TRL GKD's beta)
     loss: DistillLoss = field(default_factory=DistillLoss)
     layer_map: list[list[int]] | None = None  # [[student, teacher], ...] hidden-state indices
     dtype: str | None = None  # bfloat16: mixed-precision training
@@ -429,7 +432,7 @@ class DistillStage(_Section):
             raise RecipeError(f"lr: {self.lr} must lie in (0, 1)")
         if not 0 <= self.warmup < 1:
             raise RecipeError(f"warmup: {self.warmup} must lie in [0, 1): a fraction of the steps")
-        check_divergence(self.divergence, self.temperature)
+        check_divergence(self.divergence, self.temperature, self.beta)
         if self.dtype not in (None, "bfloat16", "float16"):
             raise RecipeError(f"dtype: {shown(self.dtype)} is not a training precision; valid: bfloat16, float16 (or null)")
         for pair in self.layer_map or []:

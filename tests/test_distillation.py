@@ -247,3 +247,21 @@ def test_a_stage_that_leaves_non_finite_weights_is_refused_and_nothing_is_saved(
                                          r"model.layers.1.mlp.up_proj.weight; nothing was saved"):
         hfcompress.compress(model, recipe, calibration_data=IDS[:64].view(2, 32))
     assert hfcompress.compression_record(model) is None  # no record: save_pretrained writes no compressed model
+
+
+def test_plain_training_arguments_and_a_tokenizer_without_pad_token(tmp_path, tokenizer):
+    from transformers import TrainingArguments
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = None  # packed blocks have nothing to pad
+    teacher, student = teacher_and_student()
+    start = student.model.layers[0].mlp.down_proj.weight.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = DistillationTrainer(student, args, teacher_model=teacher, train_dataset=PackedBlocks(IDS, 32),
+                                  processing_class=tokenizer)
+    assert (trainer.args.divergence, trainer.args.temperature, trainer.args.beta) == ("forward", 2.0, 0.5)
+    trainer.train()
+    assert not torch.equal(student.model.layers[0].mlp.down_proj.weight, start)
+    with pytest.raises(ValueError, match=r"beta: 1.5 must lie in \[0, 1\]"):
+        arguments(tmp_path, divergence="jsd", beta=1.5)

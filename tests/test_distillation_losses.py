@@ -33,6 +33,22 @@ def test_forward_reverse_and_jsd_match_hand_computation(temperature):
     assert float(logit_divergence(s, t, temperature, "jsd")) == pytest.approx(scale * jsd, rel=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_generalized_jsd_is_trls_gkd_loss(beta):
+    # TRL's GKDTrainer: m = beta p_t + (1 - beta) p_s, loss = beta KL(p_t || m) + (1 - beta) KL(p_s || m),
+    # with forward KL at beta = 0 and reverse KL at beta = 1.
+    ps, pt = softmax(S), softmax(T)
+    if beta == 0:
+        expected = kl(pt, ps)
+    elif beta == 1:
+        expected = kl(ps, pt)
+    else:
+        m = [beta * b + (1 - beta) * a for a, b in zip(ps, pt)]
+        expected = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+    got = float(logit_divergence(torch.tensor([[S]]), torch.tensor([[T]]), 1.0, "jsd", beta=beta))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
 def test_mask_averages_only_counted_tokens():
     s = torch.tensor([[S, S]])
     t = torch.tensor([[T, S]])  # the second token agrees: divergence 0

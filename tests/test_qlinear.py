@@ -65,3 +65,37 @@ def test_bf16_activations_give_bf16_outputs():
 def test_invalid_formats_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LinearFormat(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (3, 32), (8, -1)])
+def test_gradients_reach_the_input_and_no_float_weight_is_kept_for_them(dtype, bits, group_size):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64)
+    qw = quantize_rtn(linear.weight.detach(), bits, group_size, sym=False)
+    module = QuantLinear.from_quantized(qw, linear.bias, LinearFormat(bits, group_size, False)).to(dtype)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = module(x)  # bf16 4/8 bits: torch's CPU kernels, which have no derivative of their own
+    assert 64 * 128 not in saved  # the backward dequantizes the weight again instead
+    y.float().square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    F.linear(x2, qw.dequantize().to(dtype), linear.bias.detach().to(dtype)).float().square().sum().backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(x.grad, x2.grad, **tolerance)
+    assert not any(t.requires_grad for t in module.buffers())  # the packed weight stays frozen
+
+
+def test_gradients_through_a_compiled_model_match_eager():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    packed = QuantLinear.from_quantized(quantize_rtn(linear.weight.detach(), 4, 32, True), linear.bias,
+                                        LinearFormat(4, 32, True))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), packed, torch.nn.ReLU()).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    model(x).float().sum().backward()
+    eager = model[0].weight.grad.clone()
+    model.zero_grad()
+    torch.compile(model, backend="aot_eager")(x).float().sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, eager, rtol=2e-2, atol=2e-2)

@@ -9,7 +9,7 @@ user's run, and only that:
 - ``push_to_hub`` records the upload (``HfApi.create_repo`` / ``upload_folder``) instead of making it;
 - the long steps are cut: one 128-token perplexity window (a 64-token stride where the README
   strides), the Hub dataset ``wikitext2`` read from the bundled evaluation text, and two
-  distillation steps of one 64-token block.
+  training steps (distillation, LoRA) of one 64-token block.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import transformers
 
 import hfcompress
 import hfcompress.distillation
@@ -75,6 +76,14 @@ class ShortTrainingArguments(hfcompress.distillation.DistillationTrainingArgumen
         super().__post_init__()
 
 
+def short_post_init(original):
+    def __post_init__(self):
+        self.max_steps, self.per_device_train_batch_size, self.save_strategy = 2, 1, "no"
+        original(self)
+
+    return __post_init__
+
+
 def cut_long_steps(monkeypatch) -> None:
     evaluate_perplexity = hfcompress.evaluate_perplexity
     packed_dataset = hfcompress.distillation.packed_dataset
@@ -90,6 +99,9 @@ def cut_long_steps(monkeypatch) -> None:
     monkeypatch.setattr(hfcompress, "evaluate_perplexity", short_perplexity)
     monkeypatch.setattr(hfcompress.distillation, "packed_dataset", short_dataset)
     monkeypatch.setattr(hfcompress.distillation, "DistillationTrainingArguments", ShortTrainingArguments)
+    # On the class itself: however the README imports it (transformers is a lazy module).
+    monkeypatch.setattr(transformers.TrainingArguments, "__post_init__",
+                        short_post_init(transformers.TrainingArguments.__post_init__))
 
 
 def record_uploads(monkeypatch) -> list[tuple[str, list[str]]]:
@@ -111,7 +123,7 @@ def record_uploads(monkeypatch) -> list[tuple[str, list[str]]]:
 def test_readme_python_blocks_run(tmp_path, monkeypatch, stand_ins):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = python_blocks(readme)
-    assert len(blocks) == 3, "a block was added or removed: check what this test asserts"
+    assert len(blocks) == 5, "a block was added or removed: check what this test asserts"
     for hub_id in stand_ins:
         assert f'"{hub_id}"' in readme, f"{hub_id} is no longer in the README: update the stand-ins"
     cut_long_steps(monkeypatch)
@@ -131,3 +143,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, stand_ins):
     result = namespace["result"]
     assert result.windows == 1 and math.isfinite(result.perplexity)
     assert namespace["trainer"].state.global_step == 2
+    assert namespace["qlora"].state.global_step == 2
+    import json
+
+    assert "quantization_config" not in json.loads((tmp_path / "smollm2-w4-float" / "config.json").read_text())
+    assert (tmp_path / "smollm2-w4-lora" / "adapter_model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((tmp_path / "smollm2-merged" / "config.json").read_text())

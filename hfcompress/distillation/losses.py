@@ -4,7 +4,9 @@
   temperature ``T``, averaged over the tokens that count (``mask``) and scaled by ``T**2`` so
   that its gradients keep their size as ``T`` changes (Hinton, Vinyals, Dean, 2015):
   forward KL ``KL(p_t || p_s)`` (mode covering, the classic choice), reverse KL
-  ``KL(p_s || p_t)`` (mode seeking, MiniLLM), or the Jensen-Shannon divergence (GKD);
+  ``KL(p_s || p_t)`` (mode seeking, MiniLLM), or the generalized Jensen-Shannon divergence of
+  GKD, ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)`` with ``m = beta p_t + (1 - beta) p_s``,
+  as TRL's ``GKDTrainer`` defines it (``beta`` 0: forward KL, 1: reverse KL, 0.5: the JSD);
 - hidden states: mean squared error between a student layer's output (through a learned linear
   projection when the widths differ) and its mapped teacher layer (TinyBERT, Minitron);
 - attention maps: ``KL`` between the teacher's and the student's attention distributions, averaged
@@ -17,6 +19,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
 
 
 def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-                     kind: str = "forward", mask: torch.Tensor | None = None) -> torch.Tensor:
+                     kind: str = "forward", mask: torch.Tensor | None = None, beta: float = 0.5) -> torch.Tensor:
     """Mean over tokens of the divergence between ``softmax(teacher / T)`` and ``softmax(student / T)``.
 
     ``student``/``teacher``: ``[..., vocab]`` logits (computed in float32); ``mask``: ``[...]``,
@@ -44,13 +48,16 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: 
         raise ValueError(f"student and teacher vocabularies differ ({student.shape[-1]} vs {teacher.shape[-1]})")
     log_s = F.log_softmax(student.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    if kind == "jsd" and beta in (0, 1):  # the limits of the generalized JSD, as TRL takes them
+        kind = "forward" if beta == 0 else "reverse"
     if kind == "forward":
         per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
     elif kind == "reverse":
         per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
     else:
-        log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - torch.log(torch.tensor(2.0))
-        per_token = 0.5 * (log_t.exp() * (log_t - log_m)).sum(-1) + 0.5 * (log_s.exp() * (log_s - log_m)).sum(-1)
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
+        per_token = (beta * (log_t.exp() * (log_t - log_m)).sum(-1)
+                     + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1))
     return temperature**2 * _masked_mean(per_token, mask)
 
 

@@ -51,7 +51,7 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
             lr_scheduler_type="cosine", warmup_steps=round(stage.warmup * stage.steps),
             logging_steps=max(1, stage.steps // 20), save_strategy="no", report_to=[], seed=context.calibration.seed,
             bf16=stage.dtype == "bfloat16", fp16=stage.dtype == "float16", use_cpu=not cuda,
-            dataloader_num_workers=0, temperature=stage.temperature, divergence=stage.divergence,
+            dataloader_num_workers=0, temperature=stage.temperature, divergence=stage.divergence, beta=stage.beta,
             kl_weight=stage.loss.kl, ce_weight=stage.loss.ce, hidden_weight=stage.loss.hidden,
             attention_weight=stage.loss.attention, layer_map=stage.layer_map,
         )

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from ..recipe import check_divergence, check_loss_weights
+from .data import PackedBlocks
 from .losses import attention_kl, hidden_mse, logit_divergence
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class DistillationTrainingArguments(TrainingArguments):
     hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state MSE"})
     attention_weight: float = field(default=0.0, metadata={"help": "weight of the attention-map KL (eager attention)"})
     divergence: str = field(default="forward", metadata={"help": "forward | reverse | jsd"})
+    beta: float = field(default=0.5, metadata={"help": "jsd: the generalized JSD's interpolation, as TRL GKD's beta "
+                                                       "(0: forward KL, 1: reverse KL)"})
     layer_map: list[list[int]] | None = field(
         default=None,
         metadata={"help": "pairs [student, teacher] of hidden-state indices (0: embeddings, i: block i - 1's "
@@ -58,7 +61,7 @@ class DistillationTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         # The same checks as the recipe's distill stage (RecipeError is a ValueError).
-        check_divergence(self.divergence, self.temperature)
+        check_divergence(self.divergence, self.temperature, self.beta)
         check_loss_weights(self.kl_weight, self.ce_weight, self.hidden_weight, self.attention_weight)
 
 
@@ -117,12 +120,17 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *, teacher_model, teacher_tokenizer=None,
                  **kwargs):
+        if kwargs.get("data_collator") is None and isinstance(kwargs.get("train_dataset"), PackedBlocks):
+            # Packed blocks all have one length: stack them. Trainer's default for a tokenizer pads,
+            # which fails for tokenizers without a pad token although there is nothing to pad.
+            kwargs["data_collator"] = default_data_collator
         super().__init__(model=model, args=args, **kwargs)
         if not isinstance(self.args, DistillationTrainingArguments):
-            defaults = DistillationTrainingArguments(output_dir=self.args.output_dir)
-            for name in ("temperature", "kl_weight", "ce_weight", "hidden_weight", "attention_weight",
-                         "divergence", "layer_map"):
-                setattr(self.args, name, getattr(defaults, name))
+            # The fields' defaults, read off the class: building a second TrainingArguments here
+            # would reset the accelerator state the Trainer has just set up.
+            for f in fields(DistillationTrainingArguments):
+                if f.name not in {g.name for g in fields(TrainingArguments)}:
+                    setattr(self.args, f.name, f.default)
         teacher = load_teacher(teacher_model)
         teacher.eval()
         teacher.requires_grad_(False)
@@ -206,7 +214,7 @@ class DistillationTrainer(Trainer):
         losses = {}
         if args.kl_weight:
             losses["kl"] = logit_divergence(outputs.logits, teacher.logits.to(device), args.temperature,
-                                            args.divergence, mask)
+                                            args.divergence, mask, beta=args.beta)
         if args.ce_weight:
             if labels is None:
                 raise ValueError("ce_weight > 0 needs labels in the batch")

@@ -1,4 +1,5 @@
-"""transformers integration: the quantizer plugin and the from_pretrained/save_pretrained wrappers."""
+"""transformers integration: the quantizer plugin, the from_pretrained/save_pretrained wrappers,
+and peft's adapters on packed layers."""
 
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -8,7 +9,7 @@ from transformers.quantizers.auto import (
 )
 
 from ..config import QUANT_METHOD, CompressionConfig
-from . import patches
+from . import patches, peft
 from .quantizer import CompressionQuantizer
 
 
@@ -19,3 +20,4 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not CompressionQuantizer:
         register_quantizer(QUANT_METHOD)(CompressionQuantizer)
     patches.install()
+    peft.install()  # LoRA on packed layers, once peft is imported

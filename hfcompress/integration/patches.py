@@ -10,6 +10,8 @@ save time, so the plugin wraps these methods, each of which only delegates:
 - ``save_pretrained`` also writes a model card (``README.md``) for models hfcompress compressed
   (also those that save as plain checkpoints), and sorts the safetensors metadata of compressed
   ones so that the same model always saves to the same bytes.
+- ``num_parameters()`` counts the parameters packed layers stand for (their weights are integer
+  buffers, which transformers' count skips); packed weights are frozen, so never as trainable.
 - ``push_to_hub`` uploads what ``save_pretrained`` wrote, card included (transformers' own would
   replace the card with a blank template).
 - ``save_pretrained(..., save_format="auto"|"native"|"compressed-tensors")`` picks the format of
@@ -140,6 +142,15 @@ def _push_compressed(self, repo_id, *, commit_message=None, commit_description=N
         )
 
 
+def _num_parameters(original, self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    total = original(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if only_trainable or not is_compressed(self):
+        return total
+    from ..quantization.dequantize import packed_parameter_count
+
+    return total + packed_parameter_count(self, exclude_embeddings)
+
+
 def _read_config_file(original, cls, json_file):
     from ..formats.folder import read_config_dict
 
@@ -165,4 +176,5 @@ def install() -> None:
     _wrap("from_pretrained", _from_pretrained, as_classmethod=True)
     _wrap("save_pretrained", _save_pretrained)
     _wrap("push_to_hub", _push_to_hub)
+    _wrap("num_parameters", _num_parameters)
     _wrap("_dict_from_json_file", _read_config_file, as_classmethod=True, owner=PreTrainedConfig)

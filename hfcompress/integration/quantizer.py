@@ -19,6 +19,7 @@ from ..config import FORMAT_VERSION, PLAIN_RECORD, QUANT_METHOD, CompressionConf
 from ..formats import compressed_tensors
 from ..formats.checkpoint import check_quantized_checkpoint, packed_conversions
 from ..pipeline import apply_recipe, rebuild
+from ..quantization.dequantize import dequantize_model
 from ..sharing.layers import tie_shared_modules
 
 
@@ -73,6 +74,18 @@ class CompressionQuantizer(HfQuantizer):
             attach_or_detach(model, config)
         return model
 
+    def dequantize(self, model, dtype=None):
+        """``model.dequantize()``: float modules in place of the packed ones (see
+        :mod:`hfcompress.quantization.dequantize`). A model still pruned per layer or sharing
+        layers keeps its record (reloading needs it); otherwise it is a plain checkpoint again."""
+        config = self.quantization_config
+        dequantize_model(model, config, dtype if dtype is not None else model.config.dtype)
+        if config.needs_plugin():
+            attach_config(model, config)
+        else:
+            detach_config(model)
+        return model
+
     def get_state_dict_and_metadata(self, model):
         return None, {"hfcompress_format_version": str(FORMAT_VERSION)}
 
@@ -81,9 +94,9 @@ class CompressionQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        # Pruned or shared models are float and train as usual (distillation heals them); packed
-        # layers have no gradients.
-        return not self.quantization_config.modules
+        # Packed layers pass gradients to their inputs (their weights stay frozen): adapters on
+        # them, and the float parameters around them, train.
+        return True
 
     @property
     def is_qat_trainable(self) -> bool:

@@ -25,7 +25,8 @@ from torch import nn
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
 
-__all__ = ["SUFFIX", "PackedTensor", "empty_packed_parameter", "pack_parameter", "packed_owner_class"]
+__all__ = ["SUFFIX", "PackedTensor", "empty_packed_parameter", "pack_parameter", "packed_owner_class",
+           "unpack_parameter"]
 
 
 class PackedTensor(QuantLinear):
@@ -107,3 +108,11 @@ def empty_packed_parameter(owner: nn.Module, name: str, fmt: LinearFormat) -> Pa
     packed = PackedTensor(tuple(param.shape), fmt, param.dtype, device=param.device)
     _install(owner, name, packed)
     return packed
+
+
+def unpack_parameter(owner: nn.Module, name: str) -> None:
+    """The inverse of :func:`pack_parameter`: ``owner.<name>`` a float parameter again, dequantized."""
+    packed = owner._modules.pop(name + SUFFIX)
+    owner.register_parameter(name, nn.Parameter(packed.tensor(), requires_grad=True))
+    if type(owner) in _OWNER_CLASSES.values() and not any(isinstance(c, PackedTensor) for c in owner.children()):
+        owner.__class__ = type(owner).__mro__[1]  # the model's own class again (see packed_owner_class)

@@ -34,10 +34,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import native_precision
 from . import dispatch
 from .grid import QuantizedWeight, group_count, group_index
 from ..linear_format import LinearFormat
 from .pack import pack_columns, pack_rows, packed_length, unpack_columns, unpack_rows
+
+class _PackedMatmul(torch.autograd.Function):
+    """``y = x @ dequant(W)^T + b`` through the fastest kernel, differentiable with respect to ``x``.
+
+    The packed weight (and bias) stay frozen. No kernel has a derivative of its own (torch's CPU
+    int4 matmul has none), and autograd through the reference path would keep each layer's
+    dequantized float weight alive until the backward pass: a float copy of the whole model. So
+    the backward dequantizes ``W`` again, uses it for ``dL/dx = dL/dy @ W`` and drops it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        with torch.no_grad():
+            return module._forward_packed(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantize_weight()  # float32
+        if native_precision(grad.dtype, grad.device):
+            return grad @ weight.to(grad.dtype), None
+        # Emulated bfloat16/float16 matmuls (a CPU without those instructions) are several times
+        # slower than float32, and the weight is float32 already.
+        return (grad.float() @ weight).to(grad.dtype), None
+
 
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with ``W`` stored packed (see the module docstring)."""
@@ -76,7 +102,14 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._kernel = None  # moved or cast: repack for the new device on the next forward
-        return super()._apply(fn, *args, **kwargs)
+        # The scales keep the dtype the format records (model.to(torch.bfloat16) would round
+        # float16 scales, and the save would disagree with the config); they follow moves only.
+        scales = self._buffers.get("scales")
+        result = super()._apply(fn, *args, **kwargs)
+        moved = self._buffers.get("scales")
+        if scales is not None and moved is not None and moved.dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(moved.device)
+        return result
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel = None  # new weights: the repacked copy is stale
@@ -141,6 +174,11 @@ class QuantLinear(nn.Module):
         return kernel if kernel.usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedMatmul.apply(x, self)  # training through the layer: see _PackedMatmul
+        return self._forward_packed(x)
+
+    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.prepare_kernel(x.device) if dispatch.enabled() else None
         if kernel is not None and kernel.accepts(x):
             y = kernel(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
