@@ -94,7 +94,8 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         errors = []
-        for option in typing.get_args(hint):
+        # A value that is given failed as the value it could be, not as null: say that.
+        for option in [o for o in typing.get_args(hint) if value is None or o is not type(None)]:
             try:
                 return _check_type(value, option, where)
             except RecipeError as err:
@@ -401,9 +402,15 @@ class DistillStage(_Section):
     ``teacher: original`` is the model as it entered the recipe (kept in memory), else a local
     path or a Hub id. ``data``: a text file or folder, or a ``datasets`` name (default: the
     recipe's calibration text). Blocks of ``seq_len`` tokens, ``batch_size`` blocks per step.
+
+    ``train`` says what learns: ``weights`` (every parameter; the default before quantize),
+    ``scales`` (the group scales and zero points of packed layers, which stay packed: the default
+    after quantize, quantization-aware distillation) and ``norms`` (the normalization weights).
+    With ``scales`` the learning rate is a relative step (scales train as their logarithm).
     """
 
     name: ClassVar[str] = "distill"
+    TRAINABLE: ClassVar[tuple[str, ...]] = ("weights", "scales", "norms")
 
     teacher: str = "original"
     data: str | None = None
@@ -419,6 +426,7 @@ class DistillStage(_Section):
     loss: DistillLoss = field(default_factory=DistillLoss)
     layer_map: list[list[int]] | None = None  # [[student, teacher], ...] hidden-state indices
     dtype: str | None = None  # bfloat16: mixed-precision training
+    train: list[str] | None = None  # weights, scales, norms; default: weights, or scales once quantized
 
     @property
     def needs_calibration(self) -> bool:
@@ -438,6 +446,12 @@ class DistillStage(_Section):
         for pair in self.layer_map or []:
             if len(pair) != 2 or min(pair) < 0:
                 raise RecipeError(f"layer_map: {shown(pair)} is not a [student, teacher] pair of layer indices")
+        if self.train is not None:
+            if not self.train or len(set(self.train)) != len(self.train) or not set(self.train) <= set(self.TRAINABLE):
+                raise RecipeError(f"train: {shown(self.train)} is not valid; a non-empty list of distinct parts from: "
+                                  f"{', '.join(self.TRAINABLE)}")
+            if "weights" in self.train and len(self.train) > 1:
+                raise RecipeError("train: weights already trains every parameter; give it alone")
 
 
 @dataclass
@@ -536,11 +550,15 @@ class Recipe:
                 raise RecipeError(f"recipe stages[{i}]: {shown(stage)} is not a stage; valid stages: {', '.join(STAGES)}")
         # The order rules, in one place and checked here, so that a misordered recipe fails before
         # the stages before the misplaced one have run.
-        quantize = [i for i, stage in enumerate(self.stages) if stage.name == "quantize"]
-        if quantize and quantize[0] != len(self.stages) - 1:
-            after = self.stages[quantize[0] + 1]
-            raise RecipeError(f"recipe stages[{quantize[0] + 1}]: {after.name} after quantize; quantize comes once, as "
-                              "the last stage (packed layers do not train, prune, share or quantize again): move it")
+        quantize = next((i for i, stage in enumerate(self.stages) if stage.name == "quantize"), len(self.stages))
+        for i in range(quantize + 1, len(self.stages)):
+            after = self.stages[i]
+            if after.name != "distill":
+                raise RecipeError(f"recipe stages[{i}]: {after.name} after quantize; quantize comes once, followed "
+                                  "only by distill stages (packed layers do not prune, share or quantize again): move it")
+            if after.train is not None and "weights" in after.train:
+                raise RecipeError(f"recipe stages[{i}]: distill after quantize cannot train weights (they are packed "
+                                  "integers); train: [scales] (and norms) heals the quantized model")
         shared = next((i for i, stage in enumerate(self.stages) if stage.name == "share"
                        and (stage.layers is not None or stage.every)), None)
         pruned = [i for i, stage in enumerate(self.stages) if stage.name == "prune"]

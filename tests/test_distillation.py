@@ -14,10 +14,24 @@ from hfcompress.distillation import DistillationTrainer, DistillationTrainingArg
 IDS = torch.randint(0, 300, (64 * 32,), generator=torch.Generator().manual_seed(0))
 
 
-def teacher_and_student(hidden: float = 0):
+def peaked_teacher():
     teacher = tiny_llama()
     with torch.no_grad():
         teacher.model.norm.weight.mul_(5)  # peaked next-token distributions: a random model's are near uniform
+    return teacher
+
+
+def divergences_from(teacher, data, *models) -> list[float]:
+    """Each model's forward KL (temperature 2) from ``teacher`` on ``data``."""
+    from hfcompress.distillation import logit_divergence
+
+    with torch.no_grad():
+        target = teacher(data).logits
+        return [float(logit_divergence(model(data).logits, target, 2.0)) for model in models]
+
+
+def teacher_and_student(hidden: float = 0):
+    teacher = peaked_teacher()
     student = copy.deepcopy(teacher)
     stage = {"heads": 3, "ffn": 0.5, "importance": "magnitude"}
     if hidden:
@@ -138,9 +152,7 @@ def test_mismatched_teachers_and_arguments_are_clear_errors(tmp_path, tokenizer)
 
 def test_prune_distill_quantize_in_one_recipe(tmp_path):
     """The recipe stage: the pruned student moves toward the original, then quantizes and reloads."""
-    teacher = tiny_llama()
-    with torch.no_grad():
-        teacher.model.norm.weight.mul_(5)
+    teacher = peaked_teacher()
     model = copy.deepcopy(teacher)
     data = IDS[: 8 * 32].view(8, 32)
     prune = {"prune": {"heads": 3, "ffn": 0.5, "importance": "magnitude"}}
@@ -150,21 +162,51 @@ def test_prune_distill_quantize_in_one_recipe(tmp_path):
                                       "warmup": 0.0, "loss": {"kl": 1.0}}},
                          {"quantize": {"method": "rtn", "bits": 8, "group_size": 32}}]}
     hfcompress.compress(model, recipe, calibration_data=data)
-    from hfcompress.distillation import logit_divergence
-
-    with torch.no_grad():
-        target = teacher(data).logits
-        before = float(logit_divergence(pruned(data).logits, target, 2.0))
-        after = float(logit_divergence(model(data).logits, target, 2.0))
+    before, after = divergences_from(teacher, data, pruned, model)
     assert after < 0.5 * before
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(type(model).from_pretrained(tmp_path)(data).logits, model(data).logits)
 
 
-def test_distill_after_quantize_is_refused():
-    recipe = {"stages": [{"quantize": {"bits": 8, "group_size": 32}}, {"distill": {"steps": 1, "seq_len": 16}}]}
-    with pytest.raises(hfcompress.errors.UserError, match="distill after quantize"):  # by the recipe, before any stage
+@pytest.mark.parametrize("sym", [True, False])
+def test_quantize_then_distill_heals_the_scales_and_stays_packed(tmp_path, sym):
+    """Quantization-aware distillation: 3-bit codes stay, the scales (and zero points) learn from
+    the float model; the result saves packed, at the same size, and reloads bit-identically."""
+    teacher = peaked_teacher()
+    data = IDS[: 8 * 32].view(8, 32)
+    quantize = {"quantize": {"method": "rtn", "bits": 3, "group_size": 32, "sym": sym}}
+    quantized = hfcompress.compress(copy.deepcopy(teacher), {"stages": [quantize]})
+    model = copy.deepcopy(teacher)
+    recipe = {"stages": [quantize, {"distill": {"teacher": "original", "steps": 30, "seq_len": 32, "batch_size": 8,
+                                                "lr": 2e-3, "warmup": 0.1}}]}
+    hfcompress.compress(model, recipe, calibration_data=data)
+    before, after = divergences_from(teacher, data, quantized, model)
+    assert after < 0.7 * before
+    packed = {k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros"))}
+    reference = quantized.state_dict()
+    assert packed and all(torch.equal(v, reference[k]) for k, v in packed.items() if k.endswith("qweight"))
+    scales = [(model.state_dict()[k], reference[k]) for k in reference if k.endswith("scales")]
+    changed = sum(int((a != b).sum()) for a, b in scales) / sum(b.numel() for _, b in scales)
+    assert changed > 0.5  # the scales learned (a tiny change rounds back to the same float16)
+    assert not any(p.requires_grad is False for p in model.parameters())  # trainability as it was
+    assert not [k for k in model.state_dict() if "log_scales" in k or "float_zeros" in k]
+    model.save_pretrained(tmp_path / "a")
+    quantized.save_pretrained(tmp_path / "b")
+    size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "a") == size(tmp_path / "b")  # the same bits per weight
+    reloaded = type(model).from_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(reloaded(data).logits, model(data).logits)
+
+
+def test_distill_after_quantize_refuses_to_train_packed_weights():
+    recipe = {"stages": [{"quantize": {"bits": 8, "group_size": 32}},
+                         {"distill": {"steps": 1, "seq_len": 16, "train": ["weights"]}}]}
+    with pytest.raises(hfcompress.errors.UserError, match="distill after quantize cannot train weights"):
+        hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))  # by the recipe: nothing ran
+    recipe = {"stages": [{"distill": {"steps": 1, "seq_len": 16, "train": ["scales"]}}]}
+    with pytest.raises(hfcompress.errors.UserError, match="train: scales needs a quantized model"):
         hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))
 
 

@@ -4,6 +4,10 @@
 copy before the first stage when a distill stage asks for it (so ``prune -> distill ->
 quantize`` distills the pruned model from the unpruned one). Training runs in a temporary folder
 (no checkpoints are kept); the stage logs the loss terms as it goes.
+
+After ``quantize`` the stage is quantization-aware distillation: the packed codes stay frozen and
+the group scales (and zero points) train (``quantization/trainable.py``), then go back into the
+packed format, so the model saves with the same bits per weight as before.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 from ..config import CompressionConfig
 from ..context import CompressionContext
 from ..errors import UserError
+from ..quantization.trainable import freeze_scales, make_scales_trainable
 from ..recipe import DistillStage
 from .data import packed_dataset
 from .trainer import DistillationTrainer, DistillationTrainingArguments, load_teacher
@@ -25,9 +30,6 @@ logger = logging.getLogger(__name__)
 
 def apply_distill_stage(model: nn.Module, stage: DistillStage, config: CompressionConfig, context: CompressionContext) -> None:
     """Train ``model`` in place toward the stage's teacher."""
-    if config.modules:
-        raise UserError("distill: the model is already quantized (packed layers do not train); put distill "
-                        "before quantize")
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise UserError(f"distill: {type(model).__name__} has no LM head to distill logits into; load it with "
                         "AutoModelForCausalLM")
@@ -55,11 +57,45 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
             kl_weight=stage.loss.kl, ce_weight=stage.loss.ce, hidden_weight=stage.loss.hidden,
             attention_weight=stage.loss.attention, layer_map=stage.layer_map,
         )
+        parts = _parts(stage, config)
         was_training = model.training
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
         try:
+            trainable = _make_trainable(model, parts)
+            logger.info("distill: training %s (%s values)", ", ".join(parts), f"{trainable:,}")
             trainer = DistillationTrainer(model, args, teacher_model=teacher, train_dataset=dataset)
             trainer.train()
         finally:
             model.train(was_training)
+            frozen = freeze_scales(model)  # trained scales back into the packed format
+            if frozen:
+                logger.info("distill: stored the trained scales of %d packed layers", frozen)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
     for p in model.parameters():
         p.grad = None
+
+
+def _parts(stage: DistillStage, config: CompressionConfig) -> list[str]:
+    """What trains: the stage's ``train``, else every weight, or the scales once quantized."""
+    parts = stage.train if stage.train is not None else ["scales"] if config.modules else ["weights"]
+    if config.modules and "weights" in parts:
+        raise UserError("distill: the model is quantized and its packed weights do not train; use train: [scales] "
+                        "(and norms), or put distill before quantize")
+    if not config.modules and "scales" in parts:
+        raise UserError("distill: train: scales needs a quantized model (packed layers have scales); put the "
+                        "distill stage after quantize, or train: [weights]")
+    return parts
+
+
+def _make_trainable(model: nn.Module, parts: list[str]) -> int:
+    """Set what trains (``weights``, ``scales``, ``norms``); return the number of trainable values."""
+    if "weights" not in parts:
+        model.requires_grad_(False)
+        if "scales" in parts:
+            make_scales_trainable(model)
+        if "norms" in parts:
+            for module in model.modules():
+                if "norm" in type(module).__name__.lower():  # LayerNorm, LlamaRMSNorm, ...
+                    module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

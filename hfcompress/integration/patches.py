@@ -79,6 +79,9 @@ def _save_pretrained(original, self, save_directory, *args, save_format="auto", 
     if not modules:
         return _save_and_finish(original, self, save_directory, *args, **kwargs)
     from ..formats.checkpoint import saving_conversions
+    from ..quantization.trainable import check_frozen
+
+    check_frozen(self)
 
     missing = object()
     before = getattr(self, "_weight_conversions", missing)

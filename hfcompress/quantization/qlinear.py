@@ -40,6 +40,11 @@ from .grid import QuantizedWeight, group_count, group_index
 from ..linear_format import LinearFormat
 from .pack import pack_columns, pack_rows, packed_length, unpack_columns, unpack_rows
 
+# While a layer's scales train (``trainable.py``): the parameters beside the stored buffers.
+TRAINABLE_SCALES = "log_scales"  # float32 log of the scales: a step of the optimizer is a relative change
+TRAINABLE_ZEROS = "float_zeros"  # float32 zero points of an asymmetric layer, rounded in the forward pass
+
+
 class _PackedMatmul(torch.autograd.Function):
     """``y = x @ dequant(W)^T + b`` through the fastest kernel, differentiable with respect to ``x``.
 
@@ -63,6 +68,57 @@ class _PackedMatmul(torch.autograd.Function):
         # Emulated bfloat16/float16 matmuls (a CPU without those instructions) are several times
         # slower than float32, and the weight is float32 already.
         return (grad.float() @ weight).to(grad.dtype), None
+
+
+def _group_sum(t: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """``[G, N]``: the sum of ``t`` ``[N, K]`` over the columns of each group."""
+    n, k = t.shape
+    n_groups = weight.scales.shape[0]
+    if torch.equal(weight.g_idx, group_index(k, weight.group_size, weight.g_idx.device)):
+        span = k if weight.group_size == -1 else weight.group_size
+        return F.pad(t, (0, n_groups * span - k)).view(n, n_groups, span).sum(-1).t()
+    return torch.zeros(n_groups, n, dtype=t.dtype, device=t.device).index_add_(0, weight.g_idx.long(), t.t())
+
+
+def _codes(module: QuantLinear, scales: torch.Tensor, zeros: torch.Tensor) -> QuantizedWeight:
+    weight = module.unpack()
+    weight.scales, weight.zeros = scales, zeros
+    return weight
+
+
+class _ScaledMatmul(torch.autograd.Function):
+    """``y = x @ (s * (q - round(z)))^T + b``, differentiable in ``x``, the scales ``s`` and the
+    zero points ``z``: the forward pass of a layer whose scales train (``trainable.py``, where
+    the gradients are derived). As in ``_PackedMatmul``, the backward dequantizes the weight
+    again instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, module: QuantLinear):
+        ctx.module = module
+        ctx.save_for_backward(x, scales, zeros)
+        weight = _codes(module, scales.detach(), zeros.detach().round()).dequantize()
+        bias = module.bias.to(x.dtype) if module.bias is not None else None
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scales, zeros = ctx.saved_tensors
+        weight = _codes(ctx.module, scales.detach(), zeros.detach().round())
+        w = weight.dequantize()
+        grad2 = grad.reshape(-1, grad.shape[-1]).float()
+        grad_x = (grad2 @ w).view(*grad.shape[:-1], w.shape[1]).to(x.dtype) if ctx.needs_input_grad[0] else None
+        del w
+        grad_s = grad_z = None
+        if not any(ctx.needs_input_grad[1:3]):
+            return grad_x, None, None, None
+        grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]).float()  # [N, K], dropped on return
+        if ctx.needs_input_grad[1]:
+            g = weight.g_idx.long()
+            offset = weight.q.float() - weight.zeros.t()[:, g].float()  # q - z, per weight
+            grad_s = _group_sum(grad_w * offset, weight).to(scales.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_z = (-_group_sum(grad_w, weight) * scales.detach().float()).to(zeros.dtype)
+        return grad_x, grad_s, grad_z, None
 
 
 class QuantLinear(nn.Module):
@@ -174,9 +230,21 @@ class QuantLinear(nn.Module):
         return kernel if kernel.usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._parameters:
+            return self._trainable_forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedMatmul.apply(x, self)  # training through the layer: see _PackedMatmul
         return self._forward_packed(x)
+
+    def _trainable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scales (and zero points) in training: the kernels baked the stored ones in, so every
+        # pass, evaluation included, dequantizes with the current values.
+        log_scales = self._parameters.get(TRAINABLE_SCALES)
+        scales = log_scales.exp() if log_scales is not None else self.scales.float()
+        zeros = self._parameters.get(TRAINABLE_ZEROS)
+        if zeros is None:  # symmetric (or zero points frozen): the stored integers
+            zeros = unpack_columns(self.qzeros, self.format.bits, self.out_features).float()
+        return _ScaledMatmul.apply(x, scales, zeros, self)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.prepare_kernel(x.device) if dispatch.enabled() else None
