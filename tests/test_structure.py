@@ -86,3 +86,34 @@ def test_the_parts_order_into_layers():
 def test_the_check_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _run_in_repository_root(code: str) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_kernels_folder_does_not_shadow_the_kernel_hub_package_from_the_repository_root():
+    """transformers imports Hugging Face's ``kernels``; a Python started in the repository root
+    finds our ``kernels/`` folder (``hfcompress.kernels`` once installed) first on its path."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    else:
+        installed = True
+    result = _run_in_repository_root("import kernels, transformers; transformers.LlamaConfig(); print(kernels.__file__)")
+    if installed:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert str(PACKAGE.parent / "kernels") not in result.stdout
+    # Without the package (here: without site-packages on the path) the import fails as it would anyway.
+    result = _run_in_repository_root("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
+                                     "import kernels")
+    assert result.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in result.stderr
+    result = _run_in_repository_root("import hfcompress.kernels.ops")  # our own kernels still import
+    assert result.returncode == 0, result.stderr[-2000:]
