@@ -17,14 +17,13 @@ continues where it was (see ``training.py``).
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, save_windows, write_json  # noqa: E402
+from common import base_parser, save_windows  # noqa: E402
 from training import (Phases, add_training_arguments, prepare, save_atomically, training_arguments,  # noqa: E402
                       training_protocol)
 
@@ -86,10 +85,7 @@ def main():
     results["gap_recovered"] = {
         name: round((m["pruned"]["wikitext2_ppl"] - m[name]["wikitext2_ppl"]) / gap, 4)
         for name in ("finetuned_ce", "distilled")}
-    phases.save()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        write_json(args.json, results)
+    phases.finish(args.json)
 
 
 if __name__ == "__main__":

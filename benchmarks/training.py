@@ -127,6 +127,13 @@ class Phases:
     def save(self) -> None:
         write_json(self.state, self.results)
 
+    def finish(self, json_path: Path | None) -> None:
+        """Save the results, print them, and also write them to ``json_path`` when given."""
+        self.save()
+        print(json.dumps(self.results, indent=2))
+        if json_path:
+            write_json(json_path, self.results)
+
     def trained(self, name: str, start, make_trainer):
         """The model trained as ``name`` (from ``start()`` with ``make_trainer(model, output)``), the
         training seconds and the last logged loss; trained only once, resumed after a stop."""

@@ -200,6 +200,60 @@ def test_quantize_then_distill_heals_the_scales_and_stays_packed(tmp_path, sym):
         assert torch.equal(reloaded(data).logits, model(data).logits)
 
 
+def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path):
+    from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
+
+    blocks = PackedBlocks(IDS, 32)
+    teacher = peaked_teacher()
+    quantized = hfcompress.compress(copy.deepcopy(teacher), {"stages": [{"quantize": {"bits": 3, "group_size": 32}}]})
+
+    def student():
+        model = copy.deepcopy(quantized).requires_grad_(False)
+        make_scales_trainable(model)
+        return model
+
+    straight = DistillationTrainer(student(), arguments(tmp_path / "a"), teacher_model=teacher, train_dataset=blocks)
+    straight.train()
+    first = DistillationTrainer(student(), arguments(tmp_path / "b", save_strategy="steps", save_steps=3),
+                                teacher_model=teacher, train_dataset=blocks)
+    first.train()
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
+    assert (checkpoint / "trained_parameters.safetensors").exists()
+    resumed_model = student()
+    with torch.no_grad():  # the trained scales off: equal at the end only if the checkpoint loaded
+        for p in resumed_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    resumed = DistillationTrainer(resumed_model, arguments(tmp_path / "b"), teacher_model=teacher, train_dataset=blocks)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for model in (straight.model, resumed.model):
+        freeze_scales(model)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(straight.model.state_dict()["model.layers.0.mlp.up_proj.scales"],
+                           quantized.state_dict()["model.layers.0.mlp.up_proj.scales"])
+
+
+def test_lora_adapters_on_a_quantized_model_merge_and_quantize_again():
+    pytest.importorskip("peft")
+    teacher = peaked_teacher()
+    data = IDS[: 8 * 32].view(8, 32)
+    # Pruned, then quantized at 8 bits: the pruning is what the adapters heal, and 8-bit rounding of
+    # the merged weights keeps what they learned.
+    prune = {"prune": {"heads": 3, "ffn": 0.5, "importance": "magnitude"}}
+    quantize = {"quantize": {"method": "rtn", "bits": 8, "group_size": 32}}
+    quantized = hfcompress.compress(copy.deepcopy(teacher), {"stages": [prune, quantize]})
+    model = copy.deepcopy(teacher)
+    recipe = {"stages": [prune, quantize, {"distill": {"steps": 20, "seq_len": 32, "batch_size": 8, "lr": 1e-2,
+                                                       "warmup": 0.1, "train": ["lora"], "lora_rank": 4}}]}
+    hfcompress.compress(model, recipe, calibration_data=data)
+    before, after = divergences_from(teacher, data, quantized, model)
+    assert after < 0.7 * before
+    assert type(model.model.layers[0].mlp.up_proj) is hfcompress.QuantLinear  # packed again, no adapter left
+    assert not [name for name, _ in model.named_parameters() if "lora_" in name]
+    assert set(model.config.quantization_config.modules) == set(quantized.config.quantization_config.modules)
+
+
 def test_distill_after_quantize_refuses_to_train_packed_weights():
     recipe = {"stages": [{"quantize": {"bits": 8, "group_size": 32}},
                          {"distill": {"steps": 1, "seq_len": 16, "train": ["weights"]}}]}

@@ -7,7 +7,9 @@ quantize`` distills the pruned model from the unpruned one). Training runs in a 
 
 After ``quantize`` the stage is quantization-aware distillation: the packed codes stay frozen and
 the group scales (and zero points) train (``quantization/trainable.py``), then go back into the
-packed format, so the model saves with the same bits per weight as before.
+packed format, so the model saves with the same bits per weight as before. Or LoRA adapters train
+on the packed layers (``train: [lora]``); at the end they merge into the dequantized weights, which
+the recipe's quantize stage then quantizes again (GPTQ sees the merged weights).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 from ..config import CompressionConfig
 from ..context import CompressionContext
 from ..errors import UserError
+from ..quantization.dequantize import dequantize_model
+from ..quantization.stage import apply_quantize_stage
 from ..quantization.trainable import freeze_scales, make_scales_trainable
 from ..recipe import DistillStage
 from .data import packed_dataset
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 def apply_distill_stage(model: nn.Module, stage: DistillStage, config: CompressionConfig, context: CompressionContext) -> None:
     """Train ``model`` in place toward the stage's teacher."""
+    parts = _parts(stage, config)
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise UserError(f"distill: {type(model).__name__} has no LM head to distill logits into; load it with "
                         "AutoModelForCausalLM")
@@ -57,13 +62,13 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
             kl_weight=stage.loss.kl, ce_weight=stage.loss.ce, hidden_weight=stage.loss.hidden,
             attention_weight=stage.loss.attention, layer_map=stage.layer_map,
         )
-        parts = _parts(stage, config)
         was_training = model.training
         requires_grad = {p: p.requires_grad for p in model.parameters()}
+        student = _with_adapters(model, stage.lora_rank) if "lora" in parts else model
         try:
-            trainable = _make_trainable(model, parts)
+            trainable = _make_trainable(student, parts)
             logger.info("distill: training %s (%s values)", ", ".join(parts), f"{trainable:,}")
-            trainer = DistillationTrainer(model, args, teacher_model=teacher, train_dataset=dataset)
+            trainer = DistillationTrainer(student, args, teacher_model=teacher, train_dataset=dataset)
             trainer.train()
         finally:
             model.train(was_training)
@@ -72,8 +77,34 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
                 logger.info("distill: stored the trained scales of %d packed layers", frozen)
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
+    if student is not model:
+        _merge_adapters(student, model, config, context)
     for p in model.parameters():
         p.grad = None
+
+
+def _with_adapters(model: nn.Module, rank: int) -> nn.Module:
+    """``model`` with LoRA adapters on every linear layer, packed ones included (peft)."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("distill: train: lora needs peft (pip install 'hfcompress[peft]')") from None
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+
+
+def _merge_adapters(student: nn.Module, model: nn.Module, config: CompressionConfig,
+                    context: CompressionContext) -> None:
+    """Merge the trained adapters into ``model``; a quantized model is dequantized first, then
+    quantized again by the recipe's quantize stage, on the merged weights."""
+    quantized = bool(config.modules)
+    if quantized:
+        dequantize_model(model, config)
+    student.merge_and_unload()  # peft replaces the adapter layers of ``model`` in place
+    if quantized:
+        stage = next(s for s in config.recipe.stages if s.name == "quantize")
+        logger.info("distill: adapters merged; quantizing the merged weights again (%s, %d bits)", stage.method,
+                    stage.bits)
+        apply_quantize_stage(model, stage, config, context)
 
 
 def _parts(stage: DistillStage, config: CompressionConfig) -> list[str]:
@@ -98,4 +129,8 @@ def _make_trainable(model: nn.Module, parts: list[str]) -> int:
             for module in model.modules():
                 if "norm" in type(module).__name__.lower():  # LayerNorm, LlamaRMSNorm, ...
                     module.requires_grad_(True)
+        if "lora" in parts:
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,6 +18,10 @@ The teacher stays frozen (no gradients, eval mode), in its own dtype and on its 
 widths differ (hidden channels pruned) the hidden-state term learns one linear projection per
 mapped student layer; those projections train with the student (an extra optimizer group) and
 are saved in each checkpoint (``distillation_projections.safetensors``) so that resuming is exact.
+
+A quantized student whose scales train (``quantization/trainable.py``) checkpoints what trains,
+as an adapter checkpoint holds its adapters (``trained_parameters.safetensors``): the packed codes
+never change, and the model saves only once its scales are frozen back into the format.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
+from ..quantization.trainable import layers_in_training
 from ..recipe import check_divergence, check_loss_weights
 from .data import PackedBlocks
 from .losses import attention_kl, hidden_mse, logit_divergence
@@ -38,6 +43,7 @@ from .losses import attention_kl, hidden_mse, logit_divergence
 logger = logging.getLogger(__name__)
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
+TRAINED_FILE = "trained_parameters.safetensors"  # checkpoints of a student whose scales train
 
 
 @dataclass
@@ -174,8 +180,33 @@ class DistillationTrainer(Trainer):
             self.optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
         return optimizer
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not layers_in_training(self.model):
+            return super()._save(output_dir, state_dict)
+        # Scales in training: a checkpoint holds the parameters that train (the rest never changes).
+        if self.args.should_save:
+            from safetensors.torch import save_file
+
+            folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()
+                       if p.requires_grad}, str(folder / TRAINED_FILE))
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        trained = Path(resume_from_checkpoint) / TRAINED_FILE
+        if trained.exists():
+            from safetensors.torch import load_file
+
+            saved = load_file(str(trained))
+            params = dict(self.model.named_parameters())
+            if set(saved) != {name for name, p in params.items() if p.requires_grad}:
+                raise ValueError(f"{trained} holds other trainable parameters than this model has (was it saved "
+                                 "by a run that trained other parts?)")
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / PROJECTIONS_FILE
         if self.projections is not None and path.exists():
             from safetensors.torch import load_file
@@ -208,7 +239,8 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**batch, output_hidden_states=hidden, output_attentions=attentions, use_cache=False)
-        teacher = self._teacher_outputs(inputs, hidden, attentions)
+        # Cross-entropy alone (the baseline a distillation is compared with) needs no teacher.
+        teacher = self._teacher_outputs(inputs, hidden, attentions) if args.kl_weight or hidden or attentions else None
         mask = inputs.get("attention_mask")
         device = outputs.logits.device
         losses = {}

@@ -75,10 +75,15 @@ def freeze_scales(model: nn.Module) -> int:
     return frozen
 
 
+def layers_in_training(model: nn.Module) -> list[str]:
+    """The packed layers of ``model`` whose scales are in training."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, QuantLinear) and TRAINABLE_SCALES in module._parameters]
+
+
 def check_frozen(model: nn.Module) -> None:
     """Refuse to save scales in training: the stored buffers do not hold what was trained yet."""
-    training = [name for name, module in model.named_modules()
-                if isinstance(module, QuantLinear) and TRAINABLE_SCALES in module._parameters]
+    training = layers_in_training(model)
     if training:
         raise UserError(f"{len(training)} packed layers (first: {training[0]}) have scales in training; call "
                         "hfcompress.quantization.trainable.freeze_scales(model) before saving")

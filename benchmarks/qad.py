@@ -1,0 +1,132 @@
+"""Healing GPTQ with quantization-aware distillation, against cross-entropy on the same parameters.
+
+SmolLM2-135M-Instruct (float32) is quantized with the bundled ``w3g64-gptq`` and ``w4g64-gptq``
+recipes, calibrated on ``--samples`` windows of 2048 tokens of ``../shared/data/austen/`` (seed 0).
+Each quantized model then trains its group scales only (the packed codes stay; the scales train
+as their logarithm, ``hfcompress.quantization.trainable``) on the same packed Austen blocks in the
+same order, with the same schedule, twice: with ``DistillationTrainer`` from the float model
+(forward KL at ``--temperature``: QAD) and with cross-entropy on the text. Then the trained
+scales are frozen into the packed format, saved and reloaded, and for each model: WikiText-2
+perplexity (2048-token windows, the whole split unless ``--eval-windows``), weight bytes on
+disk, whether the reload gives bit-identical logits, and the training time.
+
+A run takes hours on a small CPU machine; run the same command again after a stop and it
+continues where it was (see ``training.py``).
+
+    python benchmarks/qad.py --json qad.json
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import base_parser, save_windows, weights_bytes  # noqa: E402
+from training import CLOCK_FILE, Phases, add_training_arguments, prepare, save_atomically, train, training_arguments, \
+    training_protocol  # noqa: E402
+
+RECIPES = {3: "w3g64-gptq", 4: "w4g64-gptq"}
+
+
+def parse_args():
+    parser = base_parser(__doc__, "qad-run")
+    add_training_arguments(parser)
+    parser.set_defaults(lr=1e-3)  # a relative step of the scales (they train as their logarithm)
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4], choices=sorted(RECIPES))
+    parser.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows of 2048 tokens")
+    return parser.parse_args()
+
+
+def protocol_of(args, steps: int) -> dict:
+    return {
+        "teacher": "SmolLM2-135M-Instruct (bundled GGUF, float32)",
+        "quantized": {bits: f"recipe {RECIPES[bits]}, {args.samples} x 2048 austen/ windows (seed 0)"
+                      for bits in args.bits},
+        "trained": "group scales only (log-parameterized); codes, norms, embeddings frozen",
+        "training": training_protocol(args, steps),
+        "qad": f"DistillationTrainer from the float model, forward KL, temperature {args.temperature}",
+        "ce": "DistillationTrainer with the cross-entropy term only (no teacher)",
+        "evaluation": f"WikiText-2 raw test, 2048-token windows, {args.eval_windows or 'all'} windows",
+        "torch_threads": torch.get_num_threads()}
+
+
+def main():
+    import hfcompress
+    from hfcompress.distillation import DistillationTrainer, DistillationTrainingArguments
+    from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
+    from transformers import AutoModelForCausalLM
+
+    args = parse_args()
+    checkpoint, tokenizer, ppl, wiki, blocks = prepare(args)
+    steps = len(blocks) // args.batch_size
+    protocol = protocol_of(args, steps)
+    phases = Phases(args.work, protocol)  # a stopped run continues where it was
+    teacher = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    probe = wiki[: 2 * 256].view(2, 256)  # logits compared after save and reload
+
+    def quantized_folder(bits: int) -> Path:
+        folder = args.work / f"gptq-w{bits}"
+        if not folder.exists():
+            windows = save_windows(tokenizer, args.data / "austen", args.samples, 2048, 0,
+                                   args.work / "windows.safetensors")
+            model = AutoModelForCausalLM.from_pretrained(checkpoint)
+            hfcompress.compress(model, RECIPES[bits], calibration_data=windows)
+            save_atomically(model, folder)
+        return folder
+
+    def heal(name: str, bits: int, distill: bool):
+        """Train the scales of the w{bits} model (QAD or CE), freeze them, save, reload."""
+        final = args.work / f"{name}-final"
+        if not final.exists():
+            student = AutoModelForCausalLM.from_pretrained(quantized_folder(bits)).requires_grad_(False)
+            trainable = sum(p.numel() for p in make_scales_trainable(student))
+            options = training_arguments(args, args.work / name, steps, DistillationTrainingArguments)
+            options.temperature = args.temperature
+            options.kl_weight, options.ce_weight = (1.0, 0.0) if distill else (0.0, 1.0)
+            trainer = DistillationTrainer(student.train(), options, teacher_model=teacher, train_dataset=blocks)
+            seconds, loss = train(trainer, args.work / name)
+            freeze_scales(student.eval())
+            with torch.no_grad():
+                logits = student(probe).logits
+            save_atomically(student, final, {"train_seconds": seconds, "final_train_loss": loss,
+                                             "trained_values": trainable})
+            reloaded = AutoModelForCausalLM.from_pretrained(final).eval()
+            with torch.no_grad():
+                identical = torch.equal(reloaded(probe).logits, logits)
+            clock = json.loads((final / CLOCK_FILE).read_text())
+            (final / CLOCK_FILE).write_text(json.dumps({**clock, "reload_bit_identical": identical}))
+            shutil.rmtree(args.work / name, ignore_errors=True)  # its checkpoints are no longer needed
+        if not phases.done(name):
+            clock = json.loads((final / CLOCK_FILE).read_text())
+            phases.record(name, wikitext2_ppl=ppl(AutoModelForCausalLM.from_pretrained(final)),
+                          weight_bytes=weights_bytes(final), **clock)
+
+    if not phases.done("teacher"):
+        phases.record("teacher", wikitext2_ppl=ppl(teacher))
+    for bits in args.bits:
+        name = f"gptq-w{bits}"
+        if not phases.done(name):
+            folder = quantized_folder(bits)
+            phases.record(name, wikitext2_ppl=ppl(AutoModelForCausalLM.from_pretrained(folder)),
+                          weight_bytes=weights_bytes(folder))
+        heal(f"qad-w{bits}", bits, distill=True)
+        heal(f"ce-w{bits}", bits, distill=False)
+
+    results = phases.results
+    m = results["models"]
+    results["gap_closed"] = {}
+    for bits in args.bits:
+        gap = m[f"gptq-w{bits}"]["wikitext2_ppl"] - m["teacher"]["wikitext2_ppl"]
+        results["gap_closed"][f"w{bits}"] = {
+            method: round((m[f"gptq-w{bits}"]["wikitext2_ppl"] - m[f"{method}-w{bits}"]["wikitext2_ppl"]) / gap, 4)
+            for method in ("qad", "ce")}
+    phases.finish(args.json)
+
+
+if __name__ == "__main__":
+    main()
