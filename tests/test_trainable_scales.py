@@ -117,3 +117,19 @@ def test_saving_scales_in_training_is_refused_until_they_are_frozen(tmp_path):
     assert not (tmp_path / "a").exists()
     freeze_scales(model)
     model.save_pretrained(tmp_path / "a")
+
+
+def test_a_zero_point_pushed_off_the_grid_computes_what_freezing_stores():
+    module = _layer(3, 32, sym=False, bias=False)
+    make_scales_trainable(module)
+    with torch.no_grad():
+        getattr(module, TRAINABLE_ZEROS)[0].fill_(11.6)  # past the 3-bit grid's top code, 7
+        getattr(module, TRAINABLE_ZEROS)[1].fill_(-2.2)
+    x = torch.randn(5, 100)
+    with torch.no_grad():
+        trained = module(x)
+    freeze_scales(module)
+    zeros = module.unpack().zeros
+    assert zeros[0].eq(7).all() and zeros[1].eq(0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), trained)

@@ -81,8 +81,11 @@ def _group_sum(t: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 
 def _codes(module: QuantLinear, scales: torch.Tensor, zeros: torch.Tensor) -> QuantizedWeight:
+    """The layer's codes with these scales and zero points; float zero points are rounded onto the
+    grid, as ``trainable.freeze_scales`` will store them."""
     weight = module.unpack()
-    weight.scales, weight.zeros = scales, zeros
+    weight.scales = scales.detach()
+    weight.zeros = zeros.detach().round().clamp(0, 2**module.format.bits - 1)
     return weight
 
 
@@ -96,14 +99,14 @@ class _ScaledMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, module: QuantLinear):
         ctx.module = module
         ctx.save_for_backward(x, scales, zeros)
-        weight = _codes(module, scales.detach(), zeros.detach().round()).dequantize()
+        weight = _codes(module, scales, zeros).dequantize()
         bias = module.bias.to(x.dtype) if module.bias is not None else None
         return F.linear(x, weight.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, scales, zeros = ctx.saved_tensors
-        weight = _codes(ctx.module, scales.detach(), zeros.detach().round())
+        weight = _codes(ctx.module, scales, zeros)
         w = weight.dequantize()
         grad2 = grad.reshape(-1, grad.shape[-1]).float()
         grad_x = (grad2 @ w).view(*grad.shape[:-1], w.shape[1]).to(x.dtype) if ctx.needs_input_grad[0] else None
