@@ -1,6 +1,6 @@
 """Micro-benchmark of the packed matmul kernels; prints JSON.
 
-    python benchmarks/kernels.py [--json out.json]          # GPU if there is one, else CPU
+    python benchmarks/kernel_speed.py [--json out.json]          # GPU if there is one, else CPU
 
 GPU: Llama-shaped layers (in x out: 4096x4096, 4096x14336, 14336x4096, 8192x8192, 8192x28672),
 4-bit, group 128, symmetric, fp16, at M in {1, 4, 16, 64, 256, 2048}. For each: the median time
