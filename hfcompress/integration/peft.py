@@ -28,7 +28,7 @@ import sys
 from torch import nn
 
 from ..config import compression_record
-from ..quantization.qlinear import QuantLinear
+from ..quantization.qlinear import QuantLinear, is_packed_linear
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _packed_lora_class():
             base = self.get_base_layer()
             if isinstance(base, QuantLinear):
                 self.base_layer = _float_linear(base)
-            elif isinstance(self.get_base_layer(), Conv1D):  # dequantized to the family's own Conv1D
+            elif isinstance(base, Conv1D):  # dequantized to the family's own Conv1D
                 self.fan_in_fan_out = True
             super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -83,7 +83,7 @@ def _dispatch_packed(target: nn.Module, adapter_name: str, config, **kwargs):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, QuantLinear) and not hasattr(base, "num_embeddings"):
+    if is_packed_linear(base):
         return packed_lora_linear()(target, adapter_name, config=config, **kwargs)
     return None
 
@@ -102,8 +102,7 @@ def _include_all_linear(original, peft_config, model):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         peft_config.target_modules = set(peft_config.target_modules) | {
             name for name, module in model.named_modules()
-            if isinstance(module, QuantLinear) and module is not head and not hasattr(module, "num_embeddings")
-            and ".base_layer" not in name and "lora_" not in name}
+            if is_packed_linear(module) and module is not head and ".base_layer" not in name and "lora_" not in name}
     return peft_config
 
 

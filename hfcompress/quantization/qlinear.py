@@ -110,15 +110,13 @@ class _ScaledMatmul(torch.autograd.Function):
         w = weight.dequantize()
         grad2 = grad.reshape(-1, grad.shape[-1]).float()
         grad_x = (grad2 @ w).view(*grad.shape[:-1], w.shape[1]).to(x.dtype) if ctx.needs_input_grad[0] else None
-        del w
         grad_s = grad_z = None
         if not any(ctx.needs_input_grad[1:3]):
             return grad_x, None, None, None
         grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]).float()  # [N, K], dropped on return
         if ctx.needs_input_grad[1]:
-            g = weight.g_idx.long()
-            offset = weight.q.float() - weight.zeros.t()[:, g].float()  # q - z, per weight
-            grad_s = _group_sum(grad_w * offset, weight).to(scales.dtype)
+            # q - z is w / s (scales are positive): sum dW * w over each group, then divide.
+            grad_s = (_group_sum(grad_w * w, weight) / weight.scales.float()).to(scales.dtype)
         if ctx.needs_input_grad[2]:
             grad_z = (-_group_sum(grad_w, weight) * scales.detach().float()).to(zeros.dtype)
         return grad_x, grad_s, grad_z, None
@@ -282,3 +280,9 @@ def prepare_kernels(model: nn.Module, device: torch.device | str | None = None) 
             name = kernel.name if kernel is not None else "reference"
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def is_packed_linear(module: nn.Module) -> bool:
+    """A packed layer called as a linear layer: not a packed embedding table (a lookup) nor a
+    packed weight tensor (read by its owner's code), which subclass ``QuantLinear``."""
+    return type(module) is QuantLinear

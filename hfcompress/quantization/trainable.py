@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import UserError
 from .pack import pack_columns, unpack_columns
-from .qlinear import TRAINABLE_SCALES, TRAINABLE_ZEROS, QuantLinear
+from .qlinear import TRAINABLE_SCALES, TRAINABLE_ZEROS, QuantLinear, is_packed_linear
 
 
 def make_scales_trainable(model: nn.Module, zero_points: bool = True) -> list[nn.Parameter]:
@@ -36,7 +36,7 @@ def make_scales_trainable(model: nn.Module, zero_points: bool = True) -> list[nn
     forward pass that trains."""
     params = []
     for module in model.modules():
-        if type(module) is not QuantLinear or TRAINABLE_SCALES in module._parameters:
+        if not is_packed_linear(module) or TRAINABLE_SCALES in module._parameters:
             continue
         log_scales = nn.Parameter(module.scales.detach().float().log())
         module.register_parameter(TRAINABLE_SCALES, log_scales)
