@@ -13,7 +13,7 @@ disk, whether the reload gives bit-identical logits, and the training time.
 A run takes hours on a small CPU machine; run the same command again after a stop and it
 continues where it was (see ``training.py``).
 
-    python benchmarks/qad.py --json qad.json
+    python benchmarks/qad.py --json qad.json     # on the GPU when there is one (--device)
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def parse_args():
     parser.set_defaults(lr=1e-3)  # a relative step of the scales (they train as their logarithm)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4], choices=sorted(RECIPES))
     parser.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows of 2048 tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where GPTQ, training and evaluation run (Trainer takes the GPU when there is one)")
     return parser.parse_args()
 
 
@@ -52,6 +54,7 @@ def protocol_of(args, steps: int) -> dict:
         "qad": f"DistillationTrainer from the float model, forward KL, temperature {args.temperature}",
         "ce": "DistillationTrainer with the cross-entropy term only (no teacher)",
         "evaluation": f"WikiText-2 raw test, 2048-token windows, {args.eval_windows or 'all'} windows",
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch_threads": torch.get_num_threads()}
 
 
@@ -62,12 +65,20 @@ def main():
     from transformers import AutoModelForCausalLM
 
     args = parse_args()
-    checkpoint, tokenizer, ppl, wiki, blocks = prepare(args)
+    checkpoint, tokenizer, wiki_ppl, wiki, blocks = prepare(args)
+    device = torch.device(args.device)
+
+    def load(folder):
+        return AutoModelForCausalLM.from_pretrained(folder).to(device)
+
+    def ppl(model):
+        return wiki_ppl(model.to(device))
+
     steps = len(blocks) // args.batch_size
     protocol = protocol_of(args, steps)
     phases = Phases(args.work, protocol)  # a stopped run continues where it was
-    teacher = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    probe = wiki[: 2 * 256].view(2, 256)  # logits compared after save and reload
+    teacher = load(checkpoint).eval()
+    probe = wiki[: 2 * 256].view(2, 256).to(device)  # logits compared after save and reload
 
     def quantized_folder(bits: int) -> Path:
         folder = args.work / f"gptq-w{bits}"
@@ -75,7 +86,7 @@ def main():
             windows = save_windows(tokenizer, args.data / "austen", args.samples, 2048, 0,
                                    args.work / "windows.safetensors")
             model = AutoModelForCausalLM.from_pretrained(checkpoint)
-            hfcompress.compress(model, RECIPES[bits], calibration_data=windows)
+            hfcompress.compress(model, RECIPES[bits], calibration_data=windows, device=device)
             save_atomically(model, folder)
         return folder
 
@@ -95,7 +106,7 @@ def main():
                 logits = student(probe).logits
             save_atomically(student, final, {"train_seconds": seconds, "final_train_loss": loss,
                                              "trained_values": trainable})
-            reloaded = AutoModelForCausalLM.from_pretrained(final).eval()
+            reloaded = load(final).eval()
             with torch.no_grad():
                 identical = torch.equal(reloaded(probe).logits, logits)
             clock = json.loads((final / CLOCK_FILE).read_text())
@@ -103,7 +114,7 @@ def main():
             shutil.rmtree(args.work / name, ignore_errors=True)  # its checkpoints are no longer needed
         if not phases.done(name):
             clock = json.loads((final / CLOCK_FILE).read_text())
-            phases.record(name, wikitext2_ppl=ppl(AutoModelForCausalLM.from_pretrained(final)),
+            phases.record(name, wikitext2_ppl=ppl(load(final)),
                           weight_bytes=weights_bytes(final), **clock)
 
     if not phases.done("teacher"):
@@ -112,7 +123,7 @@ def main():
         name = f"gptq-w{bits}"
         if not phases.done(name):
             folder = quantized_folder(bits)
-            phases.record(name, wikitext2_ppl=ppl(AutoModelForCausalLM.from_pretrained(folder)),
+            phases.record(name, wikitext2_ppl=ppl(load(folder)),
                           weight_bytes=weights_bytes(folder))
         heal(f"qad-w{bits}", bits, distill=True)
         heal(f"ce-w{bits}", bits, distill=False)

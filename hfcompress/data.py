@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,9 @@ def check_text_source(data: Any) -> None:
 
 def load_text(data: Any, *, split: str = "test", config_name: str | None = None, text_column: str = "text") -> str:
     """The text behind ``data``: a path to a file or folder, a ``datasets`` object, or a dataset name."""
-    import datasets
-
-    if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+    # A datasets object exists only once its module is imported: plain text files need no datasets.
+    loaded = sys.modules.get("datasets")
+    if loaded is not None and isinstance(data, (loaded.Dataset, loaded.DatasetDict)):
         return _join_rows(_pick_split(data, split), text_column)
     if not isinstance(data, (str, os.PathLike)):
         raise DataError(f"expected a text file, a folder of .txt files or a dataset, got {type(data).__name__}")
@@ -122,6 +123,8 @@ def load_text(data: Any, *, split: str = "test", config_name: str | None = None,
         return _read_utf8(path)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            import datasets
+
             return _join_rows(_pick_split(datasets.load_from_disk(os.fspath(path)), split), text_column)
         files = sorted(path.glob("*.txt"))
         if files:

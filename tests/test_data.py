@@ -1,5 +1,8 @@
 """Text sources: files, folders, datasets objects, saved datasets and dataset names."""
 
+import subprocess
+import sys
+
 import datasets
 import pytest
 
@@ -17,6 +20,18 @@ def test_folder_of_txt_files_is_joined_in_name_order(tmp_path):
     (tmp_path / "a.txt").write_text("first")
     (tmp_path / "skip.md").write_text("not text data")
     assert load_text(tmp_path) == "first\n\nsecond"
+
+
+def test_text_files_need_no_datasets_package(tmp_path):
+    """A plain file or folder reads without importing datasets (an optional, slow import that a
+    lean environment, such as a GPU machine's image, may lack)."""
+    (tmp_path / "a.txt").write_text("some text")
+    code = ("import sys; sys.modules['datasets'] = None\n"  # any import of datasets now fails
+            "from hfcompress.data import load_text\n"
+            f"assert load_text({str(tmp_path / 'a.txt')!r}) == 'some text'\n"
+            f"assert load_text({str(tmp_path)!r}) == 'some text'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_datasets_objects_and_saved_datasets(tmp_path):
