@@ -61,8 +61,14 @@ def parse_args():
     parser.add_argument("--mse", action="store_true", help="our GPTQ searches each group's clipping range")
     parser.add_argument("--skip-unquantized", action="store_true",
                         help="do not evaluate the unquantized model (another run already did)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=RECIPE",
+                        help="also run this hfcompress recipe (a bundled name or a YAML file) the same way, as row NAME")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for item in args.recipe:
+        if "=" not in item:
+            parser.error(f"--recipe {item!r}: expected NAME=RECIPE")
+    return args
 
 
 def our_recipe(args, path: Path) -> Path:
@@ -75,13 +81,15 @@ def our_recipe(args, path: Path) -> Path:
     return path
 
 
-def run_ours(args, checkpoint: Path, windows: Path) -> dict:
-    out = args.work / "hfcompress-gptq"
-    cmd = [python(), "-m", "hfcompress.cli", "compress", str(checkpoint), "--recipe",
-           str(our_recipe(args, args.work / "recipe.yaml")), "--output", str(out), "--calibration-data", str(windows),
-           "--dtype", "float32", "--no-eval", "--overwrite"]
-    result = measure(cmd, args.work / "hfcompress.log")
-    return {**result, "folder": str(out), "output_bytes": folder_bytes(out), "weights_bytes": weights_bytes(out)}
+def run_ours(args, checkpoint: Path, windows: Path, recipe: str | None = None, name: str = "gptq") -> dict:
+    """Our CLI on ``recipe`` (default: the GPTQ recipe of this run) in its own process."""
+    out = args.work / f"hfcompress-{name}"
+    recipe = recipe or str(our_recipe(args, args.work / "recipe.yaml"))
+    cmd = [python(), "-m", "hfcompress.cli", "compress", str(checkpoint), "--recipe", recipe, "--output", str(out),
+           "--calibration-data", str(windows), "--dtype", "float32", "--no-eval", "--overwrite"]
+    result = measure(cmd, args.work / f"hfcompress-{name}.log")
+    return {**result, "recipe": recipe, "folder": str(out), "output_bytes": folder_bytes(out),
+            "weights_bytes": weights_bytes(out)}
 
 
 def run_peer(args, checkpoint: Path, windows: Path) -> dict:
@@ -126,6 +134,9 @@ def main():
 
     # 1. Quantization, each tool alone in its own process (nothing else runs meanwhile).
     results["models"]["hfcompress_gptq"] = run_ours(args, checkpoint, windows_file)
+    extras = dict(item.split("=", 1) for item in args.recipe)
+    for name, recipe in extras.items():
+        results["models"][f"hfcompress_{name}"] = run_ours(args, checkpoint, windows_file, recipe, name)
     if not args.skip_peer:
         results["models"]["llmcompressor_gptq"] = run_peer(args, checkpoint, windows_file)
         ours, peer = results["models"]["hfcompress_gptq"], results["models"]["llmcompressor_gptq"]
@@ -147,6 +158,9 @@ def main():
                weights_bytes=(checkpoint / "model.safetensors").stat().st_size)
     record("hfcompress_gptq", AutoModelForCausalLM.from_pretrained(results["models"]["hfcompress_gptq"]["folder"]),
            extra_texts=True)
+    for name in extras:
+        record(f"hfcompress_{name}", AutoModelForCausalLM.from_pretrained(results["models"][f"hfcompress_{name}"]["folder"]),
+               extra_texts=True)
     if not args.skip_peer:
         record("llmcompressor_gptq",
                AutoModelForCausalLM.from_pretrained(results["models"]["llmcompressor_gptq"]["folder"]), extra_texts=True)

@@ -46,7 +46,7 @@ HUB_DATASETS = {WIKITEXT2_NAME: ("Salesforce/wikitext", "wikitext-2-raw-v1", "te
 #   quantized  the base model's own weights, only rounded to a grid (quantize).
 RELATION_OF_STAGE = {"prune": "finetune", "distill": "finetune", "share": "merge", "quantize": "quantized"}
 RELATION_ORDER = ("finetune", "merge", "quantized")  # first wins when several stages ran
-STAGE_TAGS = {"prune": "pruned", "distill": "distilled", "share": "weight-sharing"}
+STAGE_TAGS = {"rotate": "rotated", "prune": "pruned", "distill": "distilled", "share": "weight-sharing"}
 
 # (transformers' table of class names, Hub pipeline tag), most specific first: vision-language
 # classes are also listed as causal LMs, encoder-decoders also as masked LMs.
@@ -156,6 +156,8 @@ def _describe_stage(name: str, options: dict) -> str:
         group = options.get("group_size", 128)
         return (f"{options.get('method', 'rtn').upper()} {options.get('bits', 4)}-bit weights, "
                 + (f"group size {group}" if group != -1 else "one group per row"))
+    if name == "rotate":  # the same function, re-parameterized: no relation of its own to the base model
+        return f"{options.get('method', 'hadamard')} rotation of the residual stream, folded into the weights"
     return {"prune": "structured pruning", "distill": "distillation", "share": "weight sharing"}.get(name, name)
 
 

@@ -35,6 +35,7 @@ from .pruning.select import remove_count
 from .pruning.stage import apply_prune_stage, rebuild_pruned_structure
 from .quantization.stage import apply_quantize_stage, rebuild_quantized_modules
 from .recipe import CalibrationConfig, Recipe
+from .rotation.stage import apply_rotate_stage
 from .sharing.layers import SharingError, check_groups, groups_of, rebuild_shared_structure, register_shared_tensors
 from .sharing.stage import apply_share_stage
 
@@ -48,6 +49,7 @@ def apply_distill_stage(model: nn.Module, stage, config: CompressionConfig, cont
 
 # Stage name -> runner(model, stage_config, compression_config, context). New stages register here.
 STAGE_RUNNERS: dict[str, Callable] = {
+    "rotate": apply_rotate_stage,
     "prune": apply_prune_stage,
     "distill": apply_distill_stage,
     "share": apply_share_stage,

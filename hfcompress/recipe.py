@@ -517,9 +517,37 @@ class ShareStage(_Section):
 
 
 # The stage vocabulary: YAML name -> config class. New stages register here.
-STAGES: dict[str, type[_Section]] = {cls.name: cls for cls in (PruneStage, DistillStage, ShareStage, QuantizeStage)}
+@dataclass
+class RotateStage(_Section):
+    """``rotate``: an orthogonal rotation of the residual stream folded into the weights (QuaRot),
+    with the norms' scales folded into the linears after them first: the same architecture and
+    function, with the outliers spread over all channels, which quantizes better. ``method``:
+    ``hadamard`` (randomized Hadamard; a random orthogonal matrix where the hidden size has no
+    Hadamard matrix here) or ``random`` (random orthogonal); ``heads: true`` also rotates each
+    attention head's values and the output projection's columns. Comes before share and quantize.
+    See :mod:`hfcompress.rotation`.
+    """
 
-Stage = PruneStage | DistillStage | ShareStage | QuantizeStage
+    name: ClassVar[str] = "rotate"
+    METHODS: ClassVar[tuple[str, ...]] = ("hadamard", "random")
+
+    method: str = "hadamard"
+    seed: int = 0
+    heads: bool = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    def validate(self):
+        if self.method not in self.METHODS:
+            raise RecipeError(f"method: {shown(self.method)} is not a rotation; valid: {', '.join(self.METHODS)}")
+
+
+STAGES: dict[str, type[_Section]] = {cls.name: cls for cls in (
+    RotateStage, PruneStage, DistillStage, ShareStage, QuantizeStage)}
+
+Stage = RotateStage | PruneStage | DistillStage | ShareStage | QuantizeStage
 
 
 def _parse_stage(item: Any, path: str) -> Stage:
@@ -562,6 +590,12 @@ class Recipe:
             if after.train is not None and "weights" in after.train:
                 raise RecipeError(f"recipe stages[{i}]: distill after quantize cannot train weights (they are packed "
                                   "integers); train: [scales] (and norms) heals the quantized model")
+        rotated = [i for i, stage in enumerate(self.stages) if stage.name == "rotate"]
+        later = next((i for i, stage in enumerate(self.stages) if stage.name in ("share", "quantize")), None)
+        if rotated and later is not None and rotated[-1] > later:
+            raise RecipeError(f"recipe stages[{rotated[-1]}]: rotate after {self.stages[later].name}; the rotation folds "
+                              "each layer's norms into its own linears (shared or packed ones cannot take it): put "
+                              "rotate before share and quantize")
         shared = next((i for i, stage in enumerate(self.stages) if stage.name == "share"
                        and (stage.layers is not None or stage.every)), None)
         pruned = [i for i, stage in enumerate(self.stages) if stage.name == "prune"]

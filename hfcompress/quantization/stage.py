@@ -27,6 +27,7 @@ from ..models import (ArchitectureError, block_names, decoder_blocks, find_fused
                       raw_weights, unfuse_experts)
 from ..models.layout import ROUTER_NAMES
 from ..recipe import QuantizeStage
+from ..sharing.embeddings import untie_output_embeddings
 from ..sharing.layers import merge_records, tie_shared_modules
 from .coverage import FLOAT_SHARE_LIMIT, float_share
 from .embedding import QuantEmbedding
@@ -37,23 +38,6 @@ from .resume import resume_state
 from .rtn import quantize_rtn
 
 logger = logging.getLogger(__name__)
-
-
-def untie_output_embeddings(model: nn.Module) -> None:
-    """Give ``lm_head`` its own weight when it was tied to the input embeddings.
-
-    Quantizing a tied ``lm_head`` would otherwise also change the input embeddings.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is None or embed is None or head.weight is not embed.weight:
-        return
-    logger.info("lm_head is tied to the input embeddings: untying it so that only lm_head is quantized")
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    for cfg in model_configs(model):
-        cfg.tie_word_embeddings = False
-    if hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = {}
 
 
 def _quantize_rtn(model: nn.Module, stage: QuantizeStage, layers: dict[str, nn.Module], config: CompressionConfig,

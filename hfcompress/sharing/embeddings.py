@@ -57,3 +57,18 @@ def tie_embeddings(model: nn.Module, mode: str = "input") -> None:
         config.tie_word_embeddings = True
     if hasattr(model, "get_expanded_tied_weights_keys"):
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+
+
+def untie_output_embeddings(model: nn.Module) -> None:
+    """Give ``lm_head`` its own weight when it was tied to the input embeddings (quantizing or
+    rotating a tied ``lm_head`` would otherwise also change the input embeddings)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embed is None or head.weight is not embed.weight:
+        return
+    logger.info("lm_head is tied to the input embeddings: untying it so that lm_head changes alone")
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    for cfg in model_configs(model):
+        cfg.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
