@@ -36,7 +36,7 @@ from .errors import UserError
 from .linear_format import SUPPORTED_BITS
 
 BIT_WIDTHS = SUPPORTED_BITS  # what the packing and the kernels handle
-QUANTIZE_METHODS = ("rtn", "gptq")
+QUANTIZE_METHODS = ("rtn", "gptq", "awq")
 
 
 class RecipeError(UserError, ValueError):
@@ -282,10 +282,11 @@ class QuantizeStage(_Section):
     # Off by default: on SmolLM2 4-bit g64 it cost 1.5x the time and 0.45 GB more memory for no
     # gain (first 20 WikiText-2 windows: 25.91 with it, 25.75 without).
     true_sequential: bool = False
+    awq: bool = False  # gptq only: fold AWQ's activation-aware scales in first (method awq: AWQ + rounding)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method in ("gptq", "awq")
 
     def validate(self):
         if self.method not in QUANTIZE_METHODS:
@@ -302,6 +303,9 @@ class QuantizeStage(_Section):
             raise RecipeError(f"shrink: {self.shrink} must lie in [0, 1] (0: the paper's GPTQ, 1: rounding)")
         if self.block_size <= 0:
             raise RecipeError(f"block_size: {self.block_size} must be positive")
+        if self.awq and self.method != "gptq":
+            raise RecipeError(f"awq: true applies to method gptq (AWQ's scales, then GPTQ); method: awq is AWQ's scales "
+                              f"then rounding, and {shown(self.method)} takes no awq key")
         if self.method != "gptq":
             defaults = QuantizeStage.__dataclass_fields__
             for key in self.GPTQ_KEYS:

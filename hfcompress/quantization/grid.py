@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def group_count(in_features: int, group_size: int) -> int:
@@ -74,6 +75,19 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Round ``w`` ``[N, k]`` onto the grid of per-row ``scale``/``zero`` ``[N]``; returns float codes."""
     return torch.clamp(torch.round(w.float() / scale[:, None]) + zero[:, None], 0, maxq)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """``w`` ``[N, K]`` rounded group by group onto its grid and back, all groups at once (the
+    grids of :func:`quantize_rtn`, scales kept in float32): for searches that round many times.
+    A short last group is padded with zeros, which move no group's range (it always spans 0)."""
+    n, k = w.shape
+    width = k if group_size == -1 else group_size
+    groups = -(-k // width)
+    padded = F.pad(w.float(), (0, groups * width - k)).reshape(n * groups, width)
+    scale, zero = find_scale_zero(padded, bits, sym)
+    q = quantize(padded, scale, zero, 2**bits - 1)
+    return ((q - zero[:, None]) * scale[:, None]).reshape(n, groups * width)[:, :k]
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

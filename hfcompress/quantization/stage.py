@@ -185,10 +185,14 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
         quantize_embeddings(model, stage, config)
     if stage.lm_head and output_embedding_names(model) and not isinstance(model.get_output_embeddings(), QuantEmbedding):
         untie_output_embeddings(model)
-    if stage.method == "gptq":
+    if stage.method in ("gptq", "awq"):
         from ..models import decoder_blocks
 
         decoder_blocks(model)  # a model without a stack of blocks fails here, before calibration data loads
+    if stage.method == "awq" or stage.awq:
+        from .awq_runner import apply_awq_scales
+
+        apply_awq_scales(model, stage, context.calibration_windows(), context.device, context.compute_dtype(model))
     _unfuse_experts(model, stage)
     layers = select_targets(model, stage)
     raw = select_raw_weights(model, stage)
@@ -207,7 +211,7 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
         tie_shared_modules(model, config.shared)
         report_float_share(model)
         return
-    if stage.method == "rtn":
+    if stage.method in ("rtn", "awq"):  # AWQ's scales are folded in by now: it rounds like RTN
         _quantize_rtn(model, stage, layers, config, rtn_format)
     else:
         from .gptq_runner import quantize_gptq

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import CompressionConfig
 from ..context import CompressionContext
+from ..models import ArchitectureError
 from ..models.layout import hidden_size
 from ..recipe import RotateStage
 from .fold import map_stream, rotate_model
@@ -19,7 +20,10 @@ logger = logging.getLogger(__name__)
 
 def apply_rotate_stage(model: nn.Module, stage: RotateStage, config: CompressionConfig,
                        context: CompressionContext) -> None:
-    stream = map_stream(model)
+    try:
+        stream = map_stream(model)
+    except ArchitectureError as err:
+        raise ArchitectureError(f"rotate: {err}") from None
     Q = random_rotation(hidden_size(model), stage.seed, stage.method)
     R = None
     if stage.heads and stream.heads:
