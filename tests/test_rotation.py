@@ -91,7 +91,8 @@ def test_rotation_spreads_an_outlier_channel():
         model.model.layers[0].input_layernorm.weight[7] = 30.0
 
     def outlier_ratio(m):
-        W = m.model.layers[0].self_attn.q_proj.weight * m.model.layers[0].input_layernorm.weight
+        layer = m.model.layers[0]
+        W = (layer.self_attn.q_proj.weight * layer.input_layernorm.weight).detach()
         return float(W.abs().max() / W.pow(2).mean().sqrt())
 
     before = outlier_ratio(model)

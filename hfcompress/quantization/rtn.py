@@ -12,6 +12,7 @@ True
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .grid import QuantizedWeight, find_scale_zero, group_count, group_index, quantize, round_scale
 
@@ -19,18 +20,19 @@ from .grid import QuantizedWeight, find_scale_zero, group_count, group_index, qu
 def quantize_rtn(
     w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype = torch.float16
 ) -> QuantizedWeight:
-    """Quantize ``w`` ``[N, K]`` group by group along K (short last group allowed)."""
+    """Quantize ``w`` ``[N, K]`` group by group along K (short last group allowed).
+
+    All groups at once: ``w`` is viewed as ``[N * groups, width]`` rows (a short last group padded
+    with zeros, which move no range: every grid spans 0), one grid per row.
+    """
     n, k = w.shape
     maxq = 2**bits - 1
     width = k if group_size == -1 else group_size
-    q = torch.empty(n, k, dtype=torch.int32, device=w.device)
-    scales = torch.empty(group_count(k, group_size), n, dtype=scale_dtype, device=w.device)
-    zeros = torch.empty(group_count(k, group_size), n, dtype=torch.int32, device=w.device)
-    for g, start in enumerate(range(0, k, width)):
-        block = w[:, start : start + width].float()
-        scale, zero = find_scale_zero(block, bits, sym)
-        scale = round_scale(scale, scale_dtype)
-        q[:, start : start + width] = quantize(block, scale, zero, maxq).to(torch.int32)
-        scales[g] = scale.to(scale_dtype)
-        zeros[g] = zero.to(torch.int32)
-    return QuantizedWeight(q, scales, zeros, group_index(k, group_size, w.device), bits, group_size, sym)
+    groups = group_count(k, group_size)
+    rows = F.pad(w.float(), (0, groups * width - k)).reshape(n * groups, width)
+    scale, zero = find_scale_zero(rows, bits, sym)
+    scale = round_scale(scale, scale_dtype)
+    q = quantize(rows, scale, zero, maxq).reshape(n, groups * width)[:, :k].to(torch.int32)
+    scales = scale.reshape(n, groups).t().to(scale_dtype).contiguous()
+    zeros = zero.reshape(n, groups).t().to(torch.int32).contiguous()
+    return QuantizedWeight(q.contiguous(), scales, zeros, group_index(k, group_size, w.device), bits, group_size, sym)
