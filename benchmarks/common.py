@@ -79,6 +79,14 @@ def base_parser(doc: str, work: str):
     return parser
 
 
+def named_recipes(parser, items: list[str]) -> dict[str, str]:
+    """``--recipe NAME=RECIPE`` arguments as ``{name: recipe}`` (a malformed one is a usage error)."""
+    for item in items:
+        if "=" not in item:
+            parser.error(f"--recipe {item!r}: expected NAME=RECIPE")
+    return dict(item.split("=", 1) for item in items)
+
+
 def python() -> str:
     return sys.executable
 

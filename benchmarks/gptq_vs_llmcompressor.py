@@ -35,6 +35,7 @@ from common import (
     REPO,
     folder_bytes,
     measure,
+    named_recipes,
     prepare_checkpoint,
     python,
     save_windows,
@@ -65,9 +66,7 @@ def parse_args():
                         help="also run this hfcompress recipe (a bundled name or a YAML file) the same way, as row NAME")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    for item in args.recipe:
-        if "=" not in item:
-            parser.error(f"--recipe {item!r}: expected NAME=RECIPE")
+    args.recipe = named_recipes(parser, args.recipe)
     return args
 
 
@@ -134,7 +133,7 @@ def main():
 
     # 1. Quantization, each tool alone in its own process (nothing else runs meanwhile).
     results["models"]["hfcompress_gptq"] = run_ours(args, checkpoint, windows_file)
-    extras = dict(item.split("=", 1) for item in args.recipe)
+    extras = args.recipe
     for name, recipe in extras.items():
         results["models"][f"hfcompress_{name}"] = run_ours(args, checkpoint, windows_file, recipe, name)
     if not args.skip_peer:

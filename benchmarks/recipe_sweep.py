@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, prepare_checkpoint, save_windows  # noqa: E402
+from common import base_parser, named_recipes, prepare_checkpoint, save_windows  # noqa: E402
 
 
 def parse_args():
@@ -33,9 +33,7 @@ def parse_args():
     parser.add_argument("--samples", type=int, default=32, help="calibration windows of 2048 tokens (seed 0)")
     parser.add_argument("--jsonl", type=Path, help="append each recipe's line here too")
     args = parser.parse_args()
-    for item in args.recipe:
-        if "=" not in item:
-            parser.error(f"--recipe {item!r}: expected NAME=RECIPE")
+    args.recipe = named_recipes(parser, args.recipe)
     return args
 
 
@@ -50,8 +48,7 @@ def main():
     checkpoint, tokenizer = prepare_checkpoint(args.work)
     windows = save_windows(tokenizer, args.data / "austen", args.samples, 2048, 0, args.work / "windows.safetensors")
     wiki = tokenize(tokenizer, args.data / "wikitext-2-raw" / "wiki.test.raw")
-    for item in args.recipe:
-        name, recipe = item.split("=", 1)
+    for name, recipe in args.recipe.items():
         recipe = json.loads(recipe) if recipe.lstrip().startswith("{") else recipe
         model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
         start = time.perf_counter()
