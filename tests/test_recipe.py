@@ -18,7 +18,7 @@ def quantize(**options):
     (quantize(group_size=0), r"quantize\.group_size: 0 is not valid; use -1 \(one group per row\) or a positive"),
     (quantize(group_size=-2), r"group_size: -2 is not valid"),
     (quantize(groupsize=128), r"quantize\.groupsize: unknown key 'groupsize'; valid keys: method, bits, group_size, sym"),
-    (quantize(method="awq"), r"method: 'awq' is not a method we have; valid: rtn, gptq"),
+    (quantize(method="hqq"), r"method: 'hqq' is not a method we have; valid: rtn, gptq, awq"),
     (quantize(method="rtn", act_order=True), r"quantize\.act_order: applies to method gptq only, not 'rtn'"),
     (quantize(method="gptq", damp=1.5), r"quantize\.damp: 1\.5 must lie in \(0, 1\)"),
     (quantize(method="gptq", block_size=0), r"quantize\.block_size: 0 must be positive"),
