@@ -85,8 +85,7 @@ def _fold_and_rotate(model: nn.Module, Q: torch.Tensor, R: torch.Tensor | None, 
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     hidden = embed.weight.shape[1]
     Q = Q.to(device=embed.weight.device, dtype=torch.float64)
-    head_name = next(n for n, m in model.named_modules() if m is head)
-    final = model.get_submodule(next(n for n, m in model.named_modules() if m is final_norm(model)))
+    final = final_norm(model)
     gamma_final, _ = norm_scale(final, hidden)
     if head.weight is embed.weight and not torch.all(gamma_final == 1):
         untie_output_embeddings(model)  # lm_head = E diag(gamma) Q is not the embeddings E Q any more
@@ -95,7 +94,7 @@ def _fold_and_rotate(model: nn.Module, Q: torch.Tensor, R: torch.Tensor | None, 
         gamma, unit = norm_scale(norm, hidden)
         for name in readers:
             linear = model.get_submodule(name)
-            if name == head_name and linear.weight is embed.weight:
+            if linear is head and linear.weight is embed.weight:
                 continue  # tied and gamma = 1: rotating the embeddings below rotates lm_head too
             _set(linear.weight, (linear.weight.double() * gamma.to(Q.device)) @ Q)
         norm.weight.fill_(unit)
