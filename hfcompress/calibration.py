@@ -158,6 +158,12 @@ class BlockInputs:
         x = _to(self.hidden[i : i + 1], device, dtype)
         return (x, *_to(self.args, device, dtype)), {k: _to(v, device, dtype) for k, v in self.kwargs.items()}
 
+    def window(self, i: int) -> BlockInputs:
+        """Window ``i`` alone (chained: a view, so a run with ``update`` writes into these inputs)."""
+        if self.calls is not None:
+            return BlockInputs(calls=self.calls[i : i + 1])
+        return BlockInputs(self.hidden[i : i + 1], self.kwargs, self.args)
+
     def head(self, n: int = 1) -> BlockInputs:
         """The first ``n`` windows."""
         if self.calls is not None:

@@ -260,7 +260,7 @@ class QuantizeStage(_Section):
 
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
-        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential")
+        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential", "asymmetric", "refit")
 
     method: str = "rtn"
     bits: int = 4
@@ -282,6 +282,8 @@ class QuantizeStage(_Section):
     # Off by default: on SmolLM2 4-bit g64 it cost 1.5x the time and 0.45 GB more memory for no
     # gain (first 20 WikiText-2 windows: 25.91 with it, 25.75 without).
     true_sequential: bool = False
+    asymmetric: float = 0.0  # GPTAQ: 0 calibrates each layer on its own inputs, 1 against the float model's outputs
+    refit: bool = False  # least-squares group scales for the codes GPTQ chose
     awq: bool = False  # gptq only: fold AWQ's activation-aware scales in first (method awq: AWQ + rounding)
 
     @property
@@ -301,6 +303,12 @@ class QuantizeStage(_Section):
             raise RecipeError(f"damp: {self.damp} must lie in (0, 1): a fraction of the Hessian's mean diagonal")
         if not 0 <= self.shrink <= 1:
             raise RecipeError(f"shrink: {self.shrink} must lie in [0, 1] (0: the paper's GPTQ, 1: rounding)")
+        if not 0 <= self.asymmetric <= 1:
+            raise RecipeError(f"asymmetric: {self.asymmetric} must lie in [0, 1] (0: plain GPTQ, 1: match the float "
+                              "model's outputs)")
+        if self.asymmetric and self.true_sequential:
+            raise RecipeError("asymmetric: calibration against the float model runs with true_sequential: false; "
+                              "set one of them off")
         if self.block_size <= 0:
             raise RecipeError(f"block_size: {self.block_size} must be positive")
         if self.awq and self.method != "gptq":

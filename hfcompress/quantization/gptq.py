@@ -54,9 +54,12 @@ logger = logging.getLogger(__name__)
 
 
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, count: int,
-                       compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+                       compute_dtype: torch.dtype | None = None,
+                       reference: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Fold inputs ``x`` ``[..., K]`` into the running mean ``H = 2/n * sum x x^T``; returns (H, n).
 
+    With ``reference`` (the float model's inputs for the same tokens) the running mean is the
+    cross product ``C = 2/n * sum reference x^T`` instead (see :func:`asymmetric_target`).
     ``H`` stays float32; ``compute_dtype=torch.bfloat16`` computes each batch's ``x^T x`` in bf16
     (2-3x faster on CPUs with bf16 dot products), whose rounding averages out over batches.
     """
@@ -64,11 +67,11 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, count: int,
     new = x.shape[0]
     H *= count / (count + new)
     x = x.float() * math.sqrt(2 / (count + new))
+    left = x if reference is None else reference.reshape(-1, x.shape[-1]).float() * math.sqrt(2 / (count + new))
     if compute_dtype is None or compute_dtype == torch.float32:
-        H.addmm_(x.t(), x)
+        H.addmm_(left.t(), x)
     else:
-        x = x.to(compute_dtype)
-        H += (x.t() @ x).float()
+        H += (left.to(compute_dtype).t() @ x.to(compute_dtype)).float()
     return H, count + new
 
 
@@ -94,6 +97,54 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weights that GPTQ should reproduce on quantized inputs: ``W* = W C H^-1``.
+
+    GPTAQ's asymmetric calibration (Li et al., 2025): the quantized model feeds a layer inputs
+    ``Xq`` that differ from the float model's ``X``; the layer's error against the float model is
+    ``||W X - Q Xq||^2``. With ``H = Xq Xq^T`` and ``C = X Xq^T`` (``cross``, accumulated token by
+    token beside ``H``), that error equals ``||W* Xq - Q Xq||^2`` plus a constant: the normal
+    equations of least squares. So GPTQ on ``W*`` with ``H`` solves the asymmetric objective, and
+    the error upstream layers left in the stream is compensated here as far as ``Q`` can. ``H`` is
+    dampened as GPTQ dampens it (a ridge that keeps ``W*`` from chasing directions the sample
+    barely spans)."""
+    Hd = H.float() + damp * torch.mean(torch.diag(H.float())) * torch.eye(H.shape[0], dtype=torch.float32,
+                                                                           device=H.device)
+    # W* = W C Hd^-1, i.e. Hd W*^T = C^T W^T (Hd is symmetric).
+    return torch.linalg.solve(Hd, C.float().t() @ W.float().t()).t()
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, weight: QuantizedWeight, scale_dtype: torch.dtype) -> QuantizedWeight:
+    """Least-squares scales for the codes GPTQ chose: each row's group scales minimize
+    ``(W - Q) H (W - Q)^T`` with the codes and zero points fixed.
+
+    GPTQ fixes a group's scale before choosing its codes (from the weights as they are when the
+    group starts), and then moves weights around under it. Given the codes, the output error is a
+    quadratic in a row's ``n_groups`` scales, solved exactly: with centered codes ``D = q - z``,
+    ``M[g, h] = D_g^T H_gh D_h`` and ``b[g] = D_g^T (H W^T)_g``, the scales are ``M^-1 b``. A
+    scale that would turn non-positive (a degenerate group) keeps its old value.
+    """
+    N, K = weight.q.shape
+    n_groups = weight.scales.shape[0]
+    H = H.float()
+    g_idx = weight.g_idx.long()
+    D = weight.q.float() - weight.zeros.float().t().gather(1, g_idx[None].expand(N, K))  # [N, K]
+    onehot = torch.nn.functional.one_hot(g_idx, n_groups).float()  # [K, G]
+    b = (D * (W.float() @ H)) @ onehot  # [N, G]
+    M = torch.empty(N, n_groups, n_groups, device=W.device)
+    for h in range(n_groups):
+        cols = (g_idx == h).nonzero().flatten()
+        M[:, :, h] = (D * (D[:, cols] @ H[cols])) @ onehot
+    old = weight.scales.float().t()  # [N, G]
+    ridge = 1e-6 * torch.diagonal(M, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+    M = M + ridge[:, None, None] * torch.eye(n_groups, device=W.device)
+    new, info = torch.linalg.solve_ex(M, b)
+    ok = (info == 0)[:, None] & (new > 0) & torch.isfinite(new)
+    scales = round_scale(torch.where(ok, new, old).t().contiguous(), scale_dtype)
+    return QuantizedWeight(weight.q, scales.to(weight.scales.dtype), weight.zeros, weight.g_idx, weight.bits,
+                           weight.group_size, weight.sym)
 
 
 def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

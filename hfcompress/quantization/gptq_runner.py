@@ -29,10 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import BlockInputs, input_hooks, run_block, walk_blocks
+from ..errors import CalibrationError
 from ..models import ExpertLinears, decoder_blocks, linear_weight
 from ..recipe import QuantizeStage
 from .resume import ResumeState
-from .gptq import GPTQResult, accumulate_hessian, gptq_quantize, relative_error
+from .gptq import GPTQResult, accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales, relative_error
 from .grid import QuantizedWeight
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
@@ -41,7 +42,11 @@ logger = logging.getLogger(__name__)
 
 
 class InputTracker:
-    """Accumulates one Hessian per distinct input tensor and learns which layers share it."""
+    """Accumulates one Hessian per distinct input tensor and learns which layers share it.
+
+    With ``reference`` set (before each window: every target's input in the float model for that
+    window, by name), it accumulates the cross products of GPTQ's asymmetric calibration too.
+    """
 
     def __init__(self, accumulate: set[str] | None = None, compute_dtype: torch.dtype | None = None):
         self.accumulate = accumulate  # leaders to accumulate for (None: all)
@@ -50,6 +55,9 @@ class InputTracker:
         self.groups: dict[str, list[str]] = {}
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.cross: dict[str, torch.Tensor] = {}
+        self.unpaired: set[str] = set()  # leaders whose float inputs did not match token for token (routed experts)
         self._last: tuple[torch.Tensor, str] | None = None
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
@@ -63,11 +71,24 @@ class InputTracker:
             self.groups[name] = [name]
             self.order.append(name)
         if self.accumulate is None or name in self.accumulate:
+            count = self.counts.get(name, 0)
+            if self.reference is not None:
+                self._accumulate_cross(name, x, count)
             H = self.hessians.get(name)
             if H is None:
                 H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-            self.hessians[name], self.counts[name] = accumulate_hessian(H, x, self.counts.get(name, 0),
-                                                                        self.compute_dtype)
+            self.hessians[name], self.counts[name] = accumulate_hessian(H, x, count, self.compute_dtype)
+
+    def _accumulate_cross(self, name: str, x: torch.Tensor, count: int) -> None:
+        reference = self.reference.get(name)
+        if reference is None or reference.shape != x.shape or name in self.unpaired:
+            self.unpaired.add(name)
+            self.cross.pop(name, None)
+            return
+        C = self.cross.get(name)
+        if C is None:
+            C = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+        self.cross[name] = accumulate_hessian(C, x, count, self.compute_dtype, reference=reference)[0]
 
     def release(self) -> None:
         self._last = None
@@ -104,8 +125,12 @@ class GPTQBlockQuantizer:
     """Quantizes the targeted linear layers of one block at a time."""
 
     def __init__(self, stage: QuantizeStage, device: torch.device, compute_dtype: torch.dtype | None = None,
-                 shared: SharedHessians | None = None, experts: set[str] | frozenset = frozenset()):
+                 shared: SharedHessians | None = None, experts: set[str] | frozenset = frozenset(),
+                 reference: BlockInputs | None = None):
         self.stage = stage
+        # The float model's stream at this block (asymmetric calibration); the block's pass over
+        # it writes the float model's outputs back for the next block.
+        self.reference = reference
         self.shared = shared or SharedHessians({})
         self.device = device
         self.compute_dtype = compute_dtype
@@ -125,22 +150,31 @@ class GPTQBlockQuantizer:
         self.rounded[name] = why
         return GPTQResult(quantized, 0.0, error)
 
-    def _quantize(self, modules: dict[str, nn.Module], H: torch.Tensor) -> dict[str, GPTQResult]:
+    def _quantize(self, modules: dict[str, nn.Module], H: torch.Tensor,
+                  cross: torch.Tensor | None = None) -> dict[str, GPTQResult]:
         """GPTQ for modules that share the Hessian ``H``, solved as one matrix.
 
         Rows of ``W`` are quantized independently given ``H`` (their own scales, their own error
         feedback), so stacking the modules' rows gives each module exactly its own result while
-        the column loop runs once instead of once per module.
+        the column loop runs once instead of once per module. With ``cross`` (asymmetric
+        calibration) GPTQ reproduces ``asymmetric_target`` rather than ``W`` itself.
         """
         s = self.stage
         weights = [linear_weight(m).detach().float() for m in modules.values()]
         H = H.to(weights[0].device)
-        stacked = gptq_quantize(torch.cat(weights), H, s.bits, s.group_size, s.sym, damp=s.damp,
+        W = torch.cat(weights)
+        if cross is not None:
+            W = W + s.asymmetric * (asymmetric_target(W, H, cross.to(W.device), s.damp) - W)
+        stacked = gptq_quantize(W, H, s.bits, s.group_size, s.sym, damp=s.damp,
                                 block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups,
                                 mse=s.mse, shrink=s.shrink, scale_dtype=self.format.torch_scale_dtype)
+        quantized = stacked.weight
+        if s.refit:
+            quantized = refit_scales(W, H, quantized, self.format.torch_scale_dtype)
+        weights = list(W.split([w.shape[0] for w in weights]))
         results, start = {}, 0
         for (name, module), W in zip(modules.items(), weights):
-            part = stacked.weight.rows(start, start + W.shape[0])
+            part = quantized.rows(start, start + W.shape[0])
             start += W.shape[0]
             dequantized = part.dequantize()
             # W may share storage with the module's weight (a float32 model): measure before writing.
@@ -149,7 +183,7 @@ class GPTQBlockQuantizer:
         return results
 
     def _quantize_group(self, group: dict[str, nn.Module], H: torch.Tensor, count: int, block: int,
-                        deferred: set[str]) -> dict[str, GPTQResult]:
+                        deferred: set[str], cross: torch.Tensor | None = None) -> dict[str, GPTQResult]:
         """Solve a group that shares ``H``; shared modules join with their other users' Hessians;
         starved experts are rounded."""
         buckets: dict[object, tuple[dict[str, nn.Module], torch.Tensor]] = {}
@@ -167,9 +201,26 @@ class GPTQBlockQuantizer:
             else:
                 blocks = tuple(b for b, _ in self.shared.users[id(module)])  # same users: same summed Hessian
                 buckets.setdefault(blocks, ({}, total))[0][name] = module
-        for modules, hessian in buckets.values():
-            results.update(self._quantize(modules, hessian))
+        for key, (modules, hessian) in buckets.items():
+            results.update(self._quantize(modules, hessian, cross if key == "own" else None))
         return results
+
+    def _paired_pass(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
+                     tracker: InputTracker) -> None:
+        """Each window through the float block twice: from the float model's stream (its layers'
+        inputs become the tracker's reference; the outputs move that stream on) and from the
+        quantized model's stream (Hessians and cross products)."""
+        for i in range(len(inputs)):
+            seen: dict[str, torch.Tensor] = {}
+            with input_hooks(targets, seen.__setitem__):
+                run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
+            tracker.reference = seen
+            with input_hooks(targets, tracker):
+                run_block(block, inputs.window(i), self.device, dtype=self.compute_dtype)
+            tracker.release()
+        if tracker.unpaired:
+            logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
+                        "tokens to them)", ", ".join(sorted(tracker.unpaired)))
 
     def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
                        index: int = 0) -> dict[str, GPTQResult]:
@@ -191,13 +242,16 @@ class GPTQBlockQuantizer:
                                                     tracker.counts[leader], index, deferred))
         else:
             tracker = InputTracker(compute_dtype=self.compute_dtype)
-            with input_hooks(targets, tracker):
-                run_block(block, inputs, self.device, dtype=self.compute_dtype)
+            if self.reference is None:
+                with input_hooks(targets, tracker):
+                    run_block(block, inputs, self.device, dtype=self.compute_dtype)
+            else:
+                self._paired_pass(block, targets, inputs, tracker)
             tracker.release()
             for leader in tracker.order:
                 group = {name: targets[name] for name in tracker.groups[leader]}
                 results.update(self._quantize_group(group, tracker.hessians[leader], tracker.counts[leader], index,
-                                                    deferred))
+                                                    deferred, tracker.cross.get(leader)))
         for name in sorted(set(targets) - set(results) - deferred):  # never called by the forward pass
             results[name] = self.round(name, targets[name], "never reached by the calibration forward pass")
         return results
@@ -240,6 +294,10 @@ def quantize_gptq(
         raise ValueError("resume_dir: resuming GPTQ is not supported for models whose layers share weights (their "
                          "Hessians span several layers); run without resume_dir")
 
+    if stage.asymmetric and (shared.users or resume is not None):
+        why = "layers that share weights across blocks" if shared.users else "resume_dir"
+        raise ValueError(f"asymmetric: calibration against the float model is not supported with {why}; "
+                         "set asymmetric: 0 (or drop the share stage / resume_dir)")
     start = resume.done() if resume is not None else 0
 
     def restore(hidden):
@@ -271,11 +329,24 @@ def quantize_gptq(
 
     progress = tqdm(total=len(blocks), desc=f"GPTQ {stage.bits}-bit", unit="layer", initial=start)
     rounded: dict[str, str] = {}
+    reference_hidden = None  # the float model's hidden states at the current block (asymmetric)
+    run_device = device or next(model.parameters()).device
     for step in walk_blocks(model, windows, device, compute_dtype, start=start, restore=restore, after=checkpoint):
         b, block = step.index, step.block
         targets_here = per_block.get(b, {})
-        quantizer = GPTQBlockQuantizer(stage, device or next(model.parameters()).device, compute_dtype, shared,
-                                       frozenset(expert_names.get(b, ())))
+        reference = None
+        if stage.asymmetric and step.reached:
+            if step.inputs.calls is not None:
+                raise CalibrationError(f"asymmetric: {type(model).__name__}'s blocks take token-dependent inputs (the "
+                                       "calibration replays the model), so no float stream runs beside the quantized "
+                                       "one; set asymmetric: 0")
+            if reference_hidden is None:
+                reference_hidden = step.inputs.hidden.clone()
+            reference = BlockInputs(reference_hidden, step.inputs.kwargs, step.inputs.args)
+            if not targets_here:  # nothing to calibrate here, but the float stream moves on
+                run_block(block, reference, run_device, update=True, dtype=compute_dtype)
+        quantizer = GPTQBlockQuantizer(stage, run_device, compute_dtype, shared,
+                                       frozenset(expert_names.get(b, ())), reference)
         experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
         for module in experts:
             module.calibrate_all = stage.experts.calibrate_all

@@ -1,0 +1,114 @@
+"""GPTQ's asymmetric calibration (against the float model's stream) and the least-squares scale refit."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import AutoModelForCausalLM
+
+import hfcompress
+from hfcompress.calibration import BlockInputs, run_block, walk_blocks
+from hfcompress.models import decoder_blocks
+from hfcompress.quantization.gptq import (accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales,
+                                          relative_error)
+from hfcompress.quantization.gptq_runner import GPTQBlockQuantizer, InputTracker
+from hfcompress.recipe import QuantizeStage, RecipeError
+
+DATA = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_cross_product_is_the_running_mean_of_reference_times_input():
+    torch.manual_seed(0)
+    X, R = torch.randn(90, 8), torch.randn(90, 8)
+    C, n = torch.zeros(8, 8), 0
+    for x, r in zip(X.split(20), R.split(20)):
+        C, n = accumulate_hessian(C, x, n, reference=r)
+    assert torch.allclose(C, 2 / 90 * R.t() @ X, atol=1e-5)
+
+
+def test_asymmetric_target_solves_the_float_models_least_squares():
+    torch.manual_seed(1)
+    W, X = torch.randn(6, 16, dtype=torch.float64), torch.randn(500, 16, dtype=torch.float64)
+    Xq = X + 0.1 * torch.randn(500, 16, dtype=torch.float64)  # what upstream rounding feeds the layer
+    H = accumulate_hessian(torch.zeros(16, 16), Xq.float(), 0)[0]
+    C = accumulate_hessian(torch.zeros(16, 16), Xq.float(), 0, reference=X.float())[0]
+    target = asymmetric_target(W.float(), H, C, damp=1e-6).double()
+    best = torch.linalg.lstsq(Xq, X @ W.t()).solution.t()  # argmin_V ||W X - V Xq||
+    assert torch.allclose(target, best, atol=1e-3)
+    assert (X @ W.t() - Xq @ target.t()).norm() < (X @ W.t() - Xq @ W.t()).norm()
+    # Identical streams: the target is the weight itself (up to the ridge).
+    H0 = accumulate_hessian(torch.zeros(16, 16), X.float(), 0)[0]
+    assert torch.allclose(asymmetric_target(W.float(), H0, H0, damp=1e-6), W.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,act_order", [(3, False), (4, True), (2, True)])
+def test_refit_keeps_the_codes_and_never_raises_the_output_error(bits, act_order):
+    torch.manual_seed(bits)
+    W = torch.randn(32, 160)
+    X = torch.randn(2000, 40) @ torch.randn(40, 160) + 0.2 * torch.randn(2000, 160)
+    H = accumulate_hessian(torch.zeros(160, 160), X, 0)[0]
+    result = gptq_quantize(W, H, bits, 64, True, act_order=act_order, static_groups=act_order,
+                           scale_dtype=torch.float32)
+    refit = refit_scales(W, H, result.weight, torch.float32)
+    assert torch.equal(refit.q, result.weight.q) and torch.equal(refit.zeros, result.weight.zeros)
+    assert torch.equal(refit.g_idx, result.weight.g_idx) and (refit.scales > 0).all()
+    before, after = result.error, relative_error(W, refit.dequantize(), H)
+    assert after <= before * (1 + 1e-5)
+    assert after < before * 0.995  # the scales GPTQ fixed before choosing the codes are not the optimum
+
+
+def test_float_stream_pairs_token_for_token():
+    """In the first block both streams hold the same hidden states and the block is still float, so
+    every cross product equals its Hessian, and the float pass leaves the block's float outputs."""
+    model = tiny_llama()
+    stage = QuantizeStage.from_dict({"method": "gptq", "bits": 4, "group_size": 32, "asymmetric": 1})
+    step = next(walk_blocks(model, DATA))
+    block = step.block
+    targets = {name: module for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
+    inputs = step.inputs
+    reference = BlockInputs(inputs.hidden.clone(), inputs.kwargs, inputs.args)
+    expected = BlockInputs(inputs.hidden.clone(), inputs.kwargs, inputs.args)
+    run_block(block, expected, torch.device("cpu"), update=True)
+    quantizer = GPTQBlockQuantizer(stage, torch.device("cpu"), reference=reference)
+    tracker = InputTracker()
+    quantizer._paired_pass(block, targets, inputs, tracker)
+    assert set(tracker.cross) == set(tracker.hessians) == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                                            "mlp.down_proj"}
+    for leader, H in tracker.hessians.items():
+        assert torch.allclose(tracker.cross[leader], H, atol=1e-6), leader
+    assert torch.allclose(reference.hidden, expected.hidden, atol=1e-6)
+    assert not torch.allclose(reference.hidden, inputs.hidden, atol=1e-3)
+    assert torch.equal(inputs.hidden, step.inputs.hidden)  # the quantized stream is the walk's to move
+
+
+def test_asymmetric_refit_gptq_saves_and_reloads_like_plain_gptq(tmp_path):
+    model = tiny_llama(num_hidden_layers=3)
+    stage = {"method": "gptq", "bits": 3, "group_size": 32, "shrink": 0, "asymmetric": 1, "refit": True}
+    quantized = hfcompress.compress(copy.deepcopy(model), {"stages": [{"quantize": stage}]}, calibration_data=DATA)
+    plain = hfcompress.compress(copy.deepcopy(model), {"stages": [{"quantize": {**stage, "asymmetric": 0,
+                                                                                  "refit": False}}]},
+                                calibration_data=DATA)
+    probe = DATA[:2]
+    with torch.no_grad():
+        assert not torch.equal(quantized(probe).logits, plain(probe).logits)  # the options change the result
+        quantized.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(reloaded(probe).logits, quantized(probe).logits)
+    assert decoder_blocks(reloaded)[2].mlp.down_proj.format.bits == 3
+
+
+def test_recipe_checks_the_asymmetric_and_refit_keys():
+    with pytest.raises(RecipeError, match=r"asymmetric: 2 must lie in \[0, 1\]"):
+        QuantizeStage.from_dict({"method": "gptq", "asymmetric": 2})
+    with pytest.raises(RecipeError, match="true_sequential: false"):
+        QuantizeStage.from_dict({"method": "gptq", "asymmetric": 0.5, "true_sequential": True})
+    with pytest.raises(RecipeError, match="refit: applies to method gptq only"):
+        QuantizeStage.from_dict({"method": "rtn", "refit": True})
+
+
+def test_asymmetric_is_refused_for_weights_shared_across_blocks():
+    recipe = {"stages": [{"share": {"every": 2, "parts": ["mlp"], "init": 0}},
+                         {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "asymmetric": 1}}]}
+    with pytest.raises(ValueError, match="asymmetric: calibration against the float model is not supported"):
+        hfcompress.compress(tiny_llama(), recipe, calibration_data=DATA)
