@@ -117,3 +117,15 @@ def test_a_killed_write_leaves_the_old_or_the_new_output_whole(templates, tmp_pa
         shutil.rmtree(work)
     print(f"{job}: {len(events)} events, killed at {points}: {outcomes}")  # for the record (pytest -s)
     assert outcomes["old"] and outcomes["new"], outcomes  # kills landed before and after the switch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_finiteness_check_sees_one_bad_value_anywhere(dtype, bad):
+    from hfcompress.pipeline import _all_finite
+
+    tensor = torch.randn(37, 53).to(dtype)
+    if bad is not None:
+        tensor[29, 41] = bad
+    assert _all_finite(tensor) == (bad is None)
+    assert _all_finite(torch.empty(0, 4, dtype=dtype))

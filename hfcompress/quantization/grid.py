@@ -45,8 +45,9 @@ def find_scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
     maxq = 2**bits - 1
     w = w.float()
     zero_col = torch.zeros(w.shape[0], device=w.device)
-    wmin = torch.minimum(w.min(dim=1).values, zero_col)
-    wmax = torch.maximum(w.max(dim=1).values, zero_col)
+    low, high = torch.aminmax(w, dim=1)  # one pass over w instead of two
+    wmin = torch.minimum(low, zero_col)
+    wmax = torch.maximum(high, zero_col)
     if sym:
         wmax = torch.maximum(wmin.abs(), wmax)
         wmin = -wmax

@@ -65,9 +65,22 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     if values.dim() != 2:
         raise ValueError(f"pack_rows expects a 2-D tensor, got shape {tuple(values.shape)}")
     rows, cols = values.shape
+    if values.numel():
+        low, high = torch.aminmax(values)
+        if int(low) < 0 or int(high) >= 2**bits:
+            raise ValueError(f"values must lie in [0, {2**bits - 1}] to pack into {bits} bits")
+    if 32 % bits == 0:
+        # No value straddles two words: shift each into its place and add them up in int32 (the
+        # fields are disjoint, so the sum is their OR; the top field wraps into the sign bit,
+        # which is the bit pattern wanted).
+        per_word = 32 // bits
+        words = packed_length(rows, bits)
+        v = values.to(torch.int32)
+        if words * per_word != rows:
+            v = torch.nn.functional.pad(v, (0, 0, 0, words * per_word - rows))
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=values.device)
+        return (v.view(words, per_word, cols) << shifts[None, :, None]).sum(1, dtype=torch.int32)
     v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
-        raise ValueError(f"values must lie in [0, {2**bits - 1}] to pack into {bits} bits")
     blocks = math.ceil(rows / _VALUES_PER_BLOCK)
     v = torch.nn.functional.pad(v, (0, 0, 0, blocks * _VALUES_PER_BLOCK - rows))
     v = v.view(blocks, _VALUES_PER_BLOCK, cols)

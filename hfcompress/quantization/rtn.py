@@ -29,7 +29,8 @@ def quantize_rtn(
     maxq = 2**bits - 1
     width = k if group_size == -1 else group_size
     groups = group_count(k, group_size)
-    rows = F.pad(w.float(), (0, groups * width - k)).reshape(n * groups, width)
+    padded = F.pad(w.float(), (0, groups * width - k)) if groups * width != k else w.float()
+    rows = padded.reshape(n * groups, width)
     scale, zero = find_scale_zero(rows, bits, sym)
     scale = round_scale(scale, scale_dtype)
     q = quantize(rows, scale, zero, maxq).reshape(n, groups * width)[:, :k].to(torch.int32)
