@@ -156,7 +156,8 @@ def _describe_stage(name: str, options: dict) -> str:
         group = options.get("group_size", 128)
         return (f"{options.get('method', 'rtn').upper()} {options.get('bits', 4)}-bit weights, "
                 + (f"group size {group}" if group != -1 else "one group per row")
-                + (", after AWQ's activation-aware scaling" if options.get("awq") else ""))
+                + (", after AWQ's activation-aware scaling" if options.get("awq") else "")
+                + (", calibrated against the float model's outputs (GPTAQ)" if options.get("asymmetric") else ""))
     if name == "rotate":  # the same function, re-parameterized: no relation of its own to the base model
         return f"{options.get('method', 'hadamard')} rotation of the residual stream, folded into the weights"
     return {"prune": "structured pruning", "distill": "distillation", "share": "weight sharing"}.get(name, name)
