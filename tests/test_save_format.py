@@ -161,3 +161,21 @@ def test_the_default_save_format_needs_no_extra():
 
     core = [r for r in requires("hfcompress") if "extra ==" not in r]
     assert any(r.replace("_", "-").startswith("compressed-tensors") for r in core)
+
+
+def test_rotated_gptaq_model_saves_compressed_tensors_that_stock_transformers_loads(tmp_path):
+    """The bundled best 4-bit recipe's stages (rotation, then GPTQ with static act-order, the
+    clipping search and asymmetric calibration) on a tiny Llama: a standard compressed-tensors save."""
+    model = tiny_llama(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    model.model.norm.weight.data.uniform_(0.5, 1.5)  # a non-uniform final norm: lm_head gets its own matrix
+    recipe = {"stages": [{"rotate": {}}, {"quantize": {
+        "method": "gptq", "bits": 4, "group_size": 32, "sym": True, "act_order": True, "static_groups": True,
+        "shrink": 0, "asymmetric": 0.25, "mse": True}}]}
+    model = hfcompress.compress(model, recipe, calibration_data=IDS)
+    model.save_pretrained(tmp_path / "m")
+    assert model.hfcompress_saved_format == "compressed-tensors"
+    reloads_bit_for_bit(model, tmp_path / "m")
+    stock = run_without_hfcompress(STOCK, json.dumps({"m": str(tmp_path / "m")}), json.dumps(IDS.tolist()))["m"]
+    with torch.no_grad():
+        ours = model(IDS).logits
+    assert (torch.tensor(stock["logits"]) - ours).abs().max() < 1e-4
