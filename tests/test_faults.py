@@ -129,3 +129,12 @@ def test_finiteness_check_sees_one_bad_value_anywhere(dtype, bad):
         tensor[29, 41] = bad
     assert _all_finite(tensor) == (bad is None)
     assert _all_finite(torch.empty(0, 4, dtype=dtype))
+
+
+def test_finiteness_check_reads_float8_weights():
+    from hfcompress.pipeline import _all_finite
+
+    tensor = torch.randn(8, 8).to(torch.float8_e4m3fn)
+    assert _all_finite(tensor)
+    tensor[3, 5] = float("nan")
+    assert not _all_finite(tensor)

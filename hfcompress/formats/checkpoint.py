@@ -166,8 +166,9 @@ def check_quantized_checkpoint(files: Iterable[str | os.PathLike], model: nn.Mod
 
 
 SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                      torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
                       torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                      torch.bool: "BOOL"}
+                      torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3", torch.bool: "BOOL"}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 

@@ -28,18 +28,16 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import SAFETENSORS_DTYPES
+
 # safetensors' Dtype enum in declaration order; files list tensors from the last (widest) down.
 _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
                 "F64", "I64", "U64"]
-_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-          torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-          torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-          torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     try:
-        return _NAMES[dtype]
+        return SAFETENSORS_DTYPES[dtype]
     except KeyError:
         raise ValueError(f"safetensors cannot store {dtype}") from None
 
@@ -54,7 +52,7 @@ def layout(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     offsets, position = {}, 0
     for name in order:
         dtype, shape = entries[name]
-        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         offsets[name] = (position, position + size)
         header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [position, position + size]}
         position += size
@@ -92,8 +90,7 @@ class StreamWriter:
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
             # Bytes as stored in memory (little-endian on every platform torch runs on).
-            self._file.write(data.view(-1).view(torch.uint8).numpy().tobytes() if data.dtype != torch.bool
-                             else data.view(-1).to(torch.uint8).numpy().tobytes())
+            self._file.write(data.view(-1).view(torch.uint8).numpy().tobytes())
         self._missing.discard(name)
 
     def close(self) -> None:
