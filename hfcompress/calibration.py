@@ -40,6 +40,7 @@ from torch import nn
 from .errors import CalibrationError, DataError
 from .data import tokenize
 from .precision import float32_block, float32_forward
+from .residency import home_device, resident
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def estimate_calibration_seconds(model: nn.Module, samples: int, seq_len: int, d
     from .models import decoder_blocks
 
     blocks = decoder_blocks(model)
-    offload = next(model.parameters()).device
+    offload = home_device(model)
     device = device or offload
     vocab = model.get_input_embeddings().num_embeddings
     window = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
@@ -220,7 +221,9 @@ def estimate_calibration_seconds(model: nn.Module, samples: int, seq_len: int, d
 def _input_device(model: nn.Module, device: torch.device | None) -> torch.device:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tensor = next(iter([*embed.parameters(), *embed.buffers()]), None) if embed is not None else None
-    return tensor.device if tensor is not None else (device or torch.device("cpu"))
+    if tensor is None or tensor.is_meta:  # no table, or one read from disk when used (on the CPU)
+        return device or home_device(model)
+    return tensor.device
 
 
 def _forward(model: nn.Module, window: torch.Tensor, device: torch.device) -> None:
@@ -408,7 +411,7 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
 
     blocks = decoder_blocks(model)
     names = block_names(model)
-    offload = next(model.parameters()).device
+    offload = home_device(model)
     device = device or offload
     input_device = _input_device(model, device)
     upcast = dtype == torch.float32
@@ -437,20 +440,21 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
         else:
             with whole():
                 inputs = capture_block_inputs(model, blocks[b], windows, input_device, offload)
-        block = blocks[b].to(device)
-        with float32_block(block) if upcast else contextlib.nullcontext():
-            step = BlockStep(b, names[b], block, inputs)
-            yield step
-            watch = (lambda x, out, b=b: observe(b, x, out)) if observe is not None else None
-            try:
-                if chained or watch is not None or step.hooks:
-                    run_block(step.block, inputs, device, update=chained, dtype=dtype, observe=watch)
-            finally:
-                for handle in step.hooks:
-                    handle.remove()
-            if after is not None:
-                after(step)
-        blocks[b].to(offload)
+        with resident(model, names[b]):  # a model on disk: this block read in now, written back after
+            block = blocks[b].to(device)
+            with float32_block(block) if upcast else contextlib.nullcontext():
+                step = BlockStep(b, names[b], block, inputs)
+                yield step
+                watch = (lambda x, out, b=b: observe(b, x, out)) if observe is not None else None
+                try:
+                    if chained or watch is not None or step.hooks:
+                        run_block(step.block, inputs, device, update=chained, dtype=dtype, observe=watch)
+                finally:
+                    for handle in step.hooks:
+                        handle.remove()
+                if after is not None:
+                    after(step)
+            blocks[b].to(offload)
 
 
 @contextmanager

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "overrides the recipe's calibration.data")
     comp.add_argument("--resume", action="store_true",
                       help="continue an interrupted run from its last finished layer (state in OUTPUT.resume)")
+    comp.add_argument("--layerwise", action="store_true",
+                      help="never hold the whole model in memory: read a safetensors checkpoint one decoder block at "
+                           "a time and write the output tensor by tensor (quantize stages; no perplexity "
+                           "measurement; for models larger than memory)")
     comp.add_argument("--device", type=_device,
                       help="where blocks are computed during calibration, e.g. cuda (default: cpu)")
     _add_model_args(comp, "bfloat16")
@@ -148,8 +152,9 @@ def _default_output(source, recipe_arg: str) -> Path:
 def _float_bytes(model) -> int:
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()  # tensors on disk (meta) share no storage
+        if key not in seen:
+            seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
 
@@ -242,12 +247,68 @@ def run_compress(args) -> int:
     from .output import output_lock
     from .recipe import Recipe
 
+    from . import distributed
+
     recipe = Recipe.load(args.recipe)  # validate before the slow steps
     output = Path(args.output) if args.output else _default_output(args.model, args.recipe)
     sources = [args.model] if args.model and Path(args.model).exists() else []  # never written over
+    distributed.init_from_environment(args.device)  # under torchrun / accelerate launch: one of several
+    if not distributed.is_main():  # calibrates its share of the windows; rank 0 alone writes the output
+        return (_compress_layerwise if args.layerwise else _compress_to)(args, recipe, output, sources)
     check_output(output, args.overwrite, sources)
     with output_lock(output):  # one run per output, from here to the final rename
+        if args.layerwise:
+            return _compress_layerwise(args, recipe, output, sources)
         return _compress_to(args, recipe, output, sources)
+
+
+def _compress_layerwise(args, recipe, output: Path, sources: list) -> int:
+    """``compress --layerwise``: the model built empty, its blocks read from disk one at a time."""
+    import shutil
+    import tempfile
+
+    from . import compress, distributed
+    from .config import CompressionConfig
+    from .io import load_processor, load_tokenizer, model_class, read_license, resolve_model_source
+    from .layerwise import LayerwiseError, check_recipe, open_on_disk, save_on_disk
+    from .output import atomic_output
+
+    check_recipe(recipe)
+    if args.resume:
+        raise UserError("--resume: a layer-wise run keeps no resume state yet; run without --resume")
+    source = resolve_model_source(args.model)
+    if source.gguf_file:
+        raise LayerwiseError(f"{source.gguf_file}: --layerwise reads safetensors checkpoints; a .gguf file is "
+                             "dequantized whole on load: drop --layerwise")
+    if not args.no_eval and distributed.is_main():
+        logger.info("--layerwise: no perplexity measurement (it needs the whole model); run hfcompress eval on "
+                    "the output")
+    spill = Path(tempfile.mkdtemp(prefix=f".{output.name}.layerwise-", dir=output.absolute().parent))
+    try:
+        model = open_on_disk(source.path, model_class(source, args.trust_remote_code), dtype=args.dtype,
+                             spill=spill, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(source, args.trust_remote_code)
+        size_before = _float_bytes(model)
+        config = CompressionConfig()
+        compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, device=args.device,
+                 config=config)
+        if not distributed.is_main():
+            return 0
+        if config.base_model is None:
+            config.base_model = source.hub_id
+        if config.license is None:
+            config.license = read_license(source)
+        processor = load_processor(source, trust_remote_code=args.trust_remote_code)
+        with atomic_output(output, args.overwrite, sources) as staging:
+            save_on_disk(model, staging, save_format=args.save_format)
+            if processor is not None:
+                processor.save_pretrained(staging)
+            elif tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    _print_summary(model, output, source, size_before, args, None, None, None)
+    return 0
 
 
 def _compress_to(args, recipe, output: Path, sources: list) -> int:
@@ -257,8 +318,13 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
     from .evaluation import evaluate_perplexity
     from .io import load_model, load_processor, read_license, save_compressed
 
-    resume_dir = Path(f"{output}.resume")
-    if resume_dir.exists() and not args.resume:
+    from . import distributed
+
+    main = distributed.is_main()
+    resume_dir = Path(f"{output}.resume") if not distributed.active() else None  # one process keeps checkpoints
+    if args.resume and resume_dir is None:
+        raise UserError("--resume: runs over several processes keep no resume state; run without --resume")
+    if resume_dir is not None and resume_dir.exists() and not args.resume:
         raise UserError(f"{resume_dir} holds an interrupted run: pass --resume to continue it, or delete it to start over")
     if args.calibration_data:
         check_text_source(args.calibration_data)
@@ -266,14 +332,15 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
             from .calibration import windows_file_shape
 
             windows_file_shape(args.calibration_data)  # before the model loads
-    data = None if args.no_eval else _eval_data(args, args.model is not None)
+    data = None if args.no_eval or not main else _eval_data(args, args.model is not None)
     check_text_source(data)
     model, tokenizer, source = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if data is not None and tokenizer is None:
         raise UserError("perplexity needs a tokenizer and none was found with the model: pass --no-eval")
     size_before = _float_bytes(model)
     before = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
-    _announce_calibration(model, recipe, args.device, args.calibration_data)
+    if main:
+        _announce_calibration(model, recipe, args.device, args.calibration_data)
     config = CompressionConfig()  # filled in by compress(); the card and config.json read this same record
     compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
              device=args.device, config=config)
@@ -286,10 +353,13 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
         config.metrics["perplexity"] = {**after.to_dict(), "dataset": describe_text_source(
             data, split=args.split, config_name=args.config_name)}
         config.metrics["perplexity_before_compression"] = before.perplexity
+    if not main:
+        return 0
     processor = load_processor(source, trust_remote_code=args.trust_remote_code)
     save_compressed(model, output, tokenizer, overwrite=args.overwrite, processor=processor,
                     save_format=args.save_format, sources=sources)
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
     _print_summary(model, output, source, size_before, args, before, after,
                    describe_text_source(data, split=args.split, config_name=args.config_name) if data else None)
     return 0

@@ -84,7 +84,8 @@ def resolve_model_source(source: str | os.PathLike | None) -> ModelSource:
     return ModelSource(text, hub_id=text)
 
 
-def _model_class(source: ModelSource, trust_remote_code: bool):
+def model_class(source: ModelSource, trust_remote_code: bool):
+    """The Auto class that loads ``source``."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -135,14 +136,12 @@ def load_model(
     Causal LMs load with ``AutoModelForCausalLM``, other architectures (BERT) with ``AutoModel``.
     Extra ``kwargs`` (``device_map``, ``compression`` ...) go to ``from_pretrained``.
     """
-    from transformers import AutoTokenizer
-
     resolved = resolve_model_source(source)
     if resolved.gguf_file and importlib.util.find_spec("gguf") is None:
         raise ModelSourceError("reading .gguf files needs the gguf package: pip install 'hfcompress[gguf]'")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
-        cls = _model_class(resolved, trust_remote_code)
+        cls = model_class(resolved, trust_remote_code)
         model = cls.from_pretrained(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code,
                                     **resolved.kwargs, **kwargs)
     except (CheckpointError, ModelSourceError):
@@ -164,13 +163,19 @@ def load_model(
         hint = (" (the Hugging Face Hub may be unreachable: pass a local folder or .gguf file)"
                 if resolved.hub_id and not Path(resolved.path).exists() else "")
         raise ModelSourceError(f"cannot load model {os.fspath(source)!r}: {first}{hint}") from None
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code, **resolved.kwargs)
-        except (OSError, ValueError) as err:
-            logger.warning("no tokenizer loaded from %s (%s)", resolved.path, err)
+    tokenizer = load_tokenizer(resolved, trust_remote_code) if with_tokenizer else None
     return model, tokenizer, resolved
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer saved with the model, or None (with a warning) when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs)
+    except (OSError, ValueError) as err:
+        logger.warning("no tokenizer loaded from %s (%s)", source.path, err)
+        return None
 
 
 @functools.lru_cache(maxsize=4)

@@ -34,8 +34,9 @@ import torch
 
 from ..errors import UserError
 from . import compressed_tensors
-from .checkpoint import loaded_names, packed_modules, skeleton, sort_metadata_in_place
+from .checkpoint import loaded_names, packed_modules, skeleton
 from .folder import RECORD_KEY
+from .shards import Derived, Part, loaded, replace_tensors
 from ..quantization.packed_tensor import SUFFIX as PACKED_SUFFIX
 from ..quantization.grid import group_index
 from ..quantization.pack import pack_columns, unpack_columns
@@ -145,9 +146,10 @@ class CompressedTensorsExporter:
                 reason = compressed_tensors.refusal(fmt, k, name)
                 if reason:
                     raise ExportError(reason)
-                for key in [key for key in out if key.startswith(f"{name}.")]:
-                    del out[key]
-                out.update(compressed_tensors.to_pack_quantized(tensors, name, fmt, k, model_dtype))
+                own = {key: out.pop(key) for key in [key for key in out if key.startswith(f"{name}.")]}
+                converted = Derived(lambda own=own, name=name, fmt=fmt, k=k: compressed_tensors.to_pack_quantized(
+                    loaded(own), name, fmt, k, model_dtype))
+                out.update({key: Part(converted, key) for key in converted.entries()})  # computed again when written
             groups.append((fmt, group["modules"]))
         return out, compressed_tensors.quantization_config(groups, in_model)
 
@@ -322,16 +324,11 @@ def accepting_formats(folder: Path, config: dict, tensors: dict) -> dict[str, st
     return verdicts
 
 
-def write_tensors(directory: Path, tensors: dict, max_shard_size: int | str = "5GB") -> None:
-    """Write ``tensors`` as (sharded) safetensors in ``directory``, replacing what was there."""
-    from huggingface_hub import save_torch_state_dict
-
-    for old in list(directory.glob("*.safetensors")) + list(directory.glob("*.safetensors.index.json")):
-        old.unlink()
-    save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, directory,
-                          max_shard_size=max_shard_size, metadata={"format": "pt"})
-    for path in directory.glob("*.safetensors"):
-        sort_metadata_in_place(path)  # the same model saves to the same bytes
+def write_tensors(directory: Path, tensors: dict, max_shard_size: int | str = "5GB",
+                  metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (tensors, or :mod:`.shards` references read when written) as sharded
+    safetensors in ``directory``, replacing what was there; the same tensors give the same bytes."""
+    replace_tensors(directory, tensors, max_shard_size, metadata)
 
 
 def write_config(directory: Path, config: dict) -> None:

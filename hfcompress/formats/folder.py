@@ -30,6 +30,7 @@ from ..config import QUANT_METHOD, check_record
 from ..errors import CheckpointError
 from . import compressed_tensors
 from .checkpoint import stored_names
+from .shards import file_refs
 
 RECORD_KEY = "hfcompress"
 NATIVE_MARK = " (hfcompress native format: pip install hfcompress, then import hfcompress before loading)"
@@ -114,6 +115,19 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors files; hfcompress reads safetensors checkpoints only")
     return files
+
+
+def native_refs(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """``(config, {name: Ref})`` of a folder just saved in the native layout (a fresh
+    ``save_pretrained``): the tensors stay on disk until written elsewhere."""
+    config = read_config(folder)
+    if (config.get("quantization_config") or {}).get("quant_method") != "hfcompress":
+        raise CheckpointError(f"{folder} was not saved by hfcompress (no hfcompress quantization record in config.json)")
+    files = safetensors_files(folder)
+    try:
+        return config, file_refs(files)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{folder}: truncated or corrupt safetensors file ({str(err)[:160]}); save again") from None
 
 
 def read_native(folder: str | os.PathLike) -> tuple[dict, dict]:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .export import ExportError, convert_folder, write_config, write_tensors
-from .checkpoint import sort_metadata_in_place
-from .folder import mark_native, read_native
+from .folder import mark_native, native_refs
+from .shards import file_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def finish_save(directory: str | os.PathLike, save_format: str = "auto", max_sha
     """Rewrite the native save in ``directory`` in ``save_format``; return the format written."""
     check_save_format(save_format)
     directory = Path(directory)
+    config, tensors = native_refs(directory)  # read one at a time while the new files are written
     if save_format != "native":
-        config, tensors = read_native(directory)
         if config["quantization_config"].get("quantized"):
             try:
                 tensors, config = convert_folder(directory, "compressed-tensors", config, tensors, for_hfcompress=True)
@@ -61,8 +61,9 @@ def finish_save(directory: str | os.PathLike, save_format: str = "auto", max_sha
         elif save_format == "compressed-tensors":
             raise ExportError("save_format='compressed-tensors': nothing is quantized; the other changes need "
                               "hfcompress's native format")
-    for path in directory.glob("*.safetensors"):
-        sort_metadata_in_place(path)  # the same model saves to the same bytes (write_tensors does it above)
+    # Written again, with the metadata transformers gave the files: the same model saves to the same bytes.
+    metadata = file_metadata(next(iter(tensors.values())).file) if tensors else None
+    write_tensors(directory, tensors, max_shard_size, metadata)
     path = directory / "config.json"
     write_config(directory, mark_native(json.loads(path.read_text(encoding="utf-8"))))
     return "native"

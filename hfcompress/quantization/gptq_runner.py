@@ -29,8 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import BlockInputs, input_hooks, run_block, walk_blocks
+from .. import distributed
+from ..residency import home_device
 from ..errors import CalibrationError
-from ..models import ExpertLinears, decoder_blocks, linear_weight
+from ..models import ExpertLinears, decoder_blocks, linear_shape, linear_weight
 from ..recipe import QuantizeStage
 from .resume import ResumeState
 from .gptq import GPTQResult, accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales, relative_error
@@ -222,6 +224,40 @@ class GPTQBlockQuantizer:
             logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
                         "tokens to them)", ", ".join(sorted(tracker.unpaired)))
 
+    def _solve(self, tracker: InputTracker, targets: dict[str, nn.Module], index: int,
+               deferred: set[str]) -> dict[str, GPTQResult]:
+        """Solve every group the tracker accumulated. Over several processes (see
+        :mod:`hfcompress.distributed`) the statistics are first averaged over all of them, each
+        process solves its share of the groups, and every result goes to every process."""
+        groups: dict[str, list[str]] = {}  # every process's groups (MoE routing may differ between them)
+        for part in distributed.gathered(tracker.groups):
+            for leader, names in part.items():
+                groups.setdefault(leader, names)
+        leaders = distributed.union_of([leader for leader in tracker.order if leader in tracker.hessians])
+        unpaired = set(distributed.union_of(sorted(tracker.unpaired)))
+        results: dict[str, GPTQResult] = {}
+        solved: list[dict[str, GPTQResult]] = []
+        for i, leader in enumerate(leaders):
+            group = {name: targets[name] for name in groups[leader]}
+            size = linear_shape(targets[leader])[0]
+            H = tracker.hessians.get(leader)
+            H, count = distributed.mean_over_ranks(H if H is not None else torch.zeros(size, size, device=self.device),
+                                                   tracker.counts.get(leader, 0))
+            cross = None
+            if self.reference is not None and leader not in unpaired:
+                C = tracker.cross.get(leader)
+                cross = distributed.mean_over_ranks(C if C is not None else torch.zeros_like(H),
+                                                    tracker.counts.get(leader, 0))[0]
+            mine = distributed.owner(i) == distributed.rank()
+            solved.append(self._quantize_group(group, H, count, index, deferred, cross) if mine else {})
+        for i, leader in enumerate(leaders):
+            part = distributed.share_from(distributed.owner(i), solved[i])
+            if distributed.owner(i) != distributed.rank():
+                for name, result in part.items():  # this process computes on with the owner's result
+                    _set_weight(targets[name], result.weight.dequantize())
+            results.update(part)
+        return results
+
     def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
                        index: int = 0) -> dict[str, GPTQResult]:
         """GPTQ every module of ``targets`` (names relative to ``block``, block number ``index``), in
@@ -238,8 +274,7 @@ class GPTQBlockQuantizer:
                 with input_hooks(targets, tracker, stop_after=group[-1]):
                     run_block(block, inputs, self.device, dtype=self.compute_dtype)
                 tracker.release()
-                results.update(self._quantize_group({name: targets[name] for name in group}, tracker.hessians[leader],
-                                                    tracker.counts[leader], index, deferred))
+                results.update(self._solve(tracker, targets, index, deferred))
         else:
             tracker = InputTracker(compute_dtype=self.compute_dtype)
             if self.reference is None:
@@ -248,10 +283,7 @@ class GPTQBlockQuantizer:
             else:
                 self._paired_pass(block, targets, inputs, tracker)
             tracker.release()
-            for leader in tracker.order:
-                group = {name: targets[name] for name in tracker.groups[leader]}
-                results.update(self._quantize_group(group, tracker.hessians[leader], tracker.counts[leader], index,
-                                                    deferred, tracker.cross.get(leader)))
+            results.update(self._solve(tracker, targets, index, deferred))
         for name in sorted(set(targets) - set(results) - deferred):  # never called by the forward pass
             results[name] = self.round(name, targets[name], "never reached by the calibration forward pass")
         return results
@@ -294,10 +326,22 @@ def quantize_gptq(
         raise ValueError("resume_dir: resuming GPTQ is not supported for models whose layers share weights (their "
                          "Hessians span several layers); run without resume_dir")
 
-    if stage.asymmetric and (shared.users or resume is not None):
-        why = "layers that share weights across blocks" if shared.users else "resume_dir"
-        raise ValueError(f"asymmetric: calibration against the float model is not supported with {why}; "
-                         "set asymmetric: 0 (or drop the share stage / resume_dir)")
+    if distributed.active():
+        if shared.users:
+            raise ValueError("GPTQ over several processes does not support layers that share weights across blocks "
+                             "(their Hessians span blocks); run it in one process")
+        if resume is not None:
+            logger.warning("GPTQ over %d processes keeps no resume checkpoints", distributed.world())
+            resume = None
+        windows = distributed.local_windows(windows)
+        logger.info("process %d of %d calibrates on %d windows", distributed.rank(), distributed.world(), len(windows))
+    if stage.asymmetric and shared.users:
+        raise ValueError("asymmetric: calibration against the float model is not supported with layers that share "
+                         "weights across blocks; set asymmetric: 0 (or drop the share stage)")
+    if stage.asymmetric and resume is not None:
+        # A checkpoint holds the quantized stream only; the float stream beside it would be lost.
+        logger.warning("asymmetric: this GPTQ stage keeps no resume checkpoints (an interrupted run starts it over)")
+        resume = None
     start = resume.done() if resume is not None else 0
 
     def restore(hidden):
@@ -330,7 +374,7 @@ def quantize_gptq(
     progress = tqdm(total=len(blocks), desc=f"GPTQ {stage.bits}-bit", unit="layer", initial=start)
     rounded: dict[str, str] = {}
     reference_hidden = None  # the float model's hidden states at the current block (asymmetric)
-    run_device = device or next(model.parameters()).device
+    run_device = device or home_device(model)
     for step in walk_blocks(model, windows, device, compute_dtype, start=start, restore=restore, after=checkpoint):
         b, block = step.index, step.block
         targets_here = per_block.get(b, {})

@@ -27,6 +27,7 @@ from ..models import (ArchitectureError, block_names, decoder_blocks, find_fused
                       raw_weights, unfuse_experts)
 from ..models.layout import ROUTER_NAMES
 from ..recipe import QuantizeStage
+from ..residency import by_unit, resident
 from ..sharing.embeddings import untie_output_embeddings
 from ..sharing.layers import merge_records, tie_shared_modules
 from .coverage import FLOAT_SHARE_LIMIT, float_share
@@ -42,11 +43,17 @@ logger = logging.getLogger(__name__)
 
 def _quantize_rtn(model: nn.Module, stage: QuantizeStage, layers: dict[str, nn.Module], config: CompressionConfig,
                   fmt: LinearFormat) -> None:
-    for name, module in tqdm(layers.items(), desc=f"RTN {stage.bits}-bit", unit="layer"):
-        quantized = quantize_rtn(linear_weight(module).detach(), stage.bits, stage.group_size, stage.sym,
-                                 fmt.torch_scale_dtype)
-        model.set_submodule(name, QuantLinear.from_quantized(quantized, module.bias, fmt))
-        config.modules[name] = fmt
+    progress = tqdm(total=len(layers), desc=f"RTN {stage.bits}-bit", unit="layer")
+    for unit, names in by_unit(model, layers):  # a model on disk: one block in memory at a time
+        with resident(model, unit):
+            for name in names:
+                module = layers[name]
+                quantized = quantize_rtn(linear_weight(module).detach(), stage.bits, stage.group_size, stage.sym,
+                                         fmt.torch_scale_dtype)
+                model.set_submodule(name, QuantLinear.from_quantized(quantized, module.bias, fmt))
+                config.modules[name] = fmt
+                progress.update(1)
+    progress.close()
 
 
 class PartialQuantizationError(UserError, ValueError):

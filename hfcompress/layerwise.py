@@ -1,0 +1,314 @@
+"""Compressing a model larger than memory: weights stay on disk, one unit at a time comes in.
+
+:func:`open_on_disk` builds the model empty (its parameters on the meta device, its computed
+buffers such as rotary tables real) and attaches a :class:`DiskWeights` store that knows where
+every tensor lies: first in the checkpoint's safetensors shards, then, for each unit a stage has
+changed, in a spill file of its own. A *unit* is a decoder block, or a module outside the blocks
+that holds weights (embedding table, final norm, output projection).
+
+- The block-by-block loops hold one unit in memory while they work on it
+  (:func:`hfcompress.residency.resident`); on leaving, the unit is written to the spill folder
+  and its tensors go back to the meta device.
+- Any other forward pass through the model (calibration probes, the first block's inputs) works
+  too: a hook on each unit reads it just before its forward and drops it just after.
+- :func:`save_on_disk` writes the result tensor by tensor from where each one lies, through the
+  same conversion and the same shard writer as an in-memory ``save_pretrained``, so both give the
+  same bytes.
+
+Peak memory is then about one block, the calibration activations and the solver's statistics,
+whatever the model's size. Stages that change the whole model at once (rotate, prune, distill,
+share, quantized embedding tables) need it in memory and are refused here with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CompressionConfig, compression_record
+from .errors import UserError
+from .formats.shards import Ref, file_refs, write_folder
+from .models import block_names
+from .residency import STORE_ATTRIBUTE, store_of
+
+logger = logging.getLogger(__name__)
+
+
+class LayerwiseError(UserError):
+    """The model or recipe cannot be compressed with its weights on disk."""
+
+
+class DiskWeights:
+    """Where each tensor of a model built on the meta device lies, and the loading of one unit."""
+
+    def __init__(self, model: nn.Module, refs: dict[str, Ref], spill: Path):
+        self.model = model
+        self.where = dict(refs)  # state-dict name -> the file holding its current value
+        self.spill = Path(spill)
+        self.spill.mkdir(parents=True, exist_ok=True)
+        self._spilled = 0
+        self.blocks = block_names(model)
+        inside = tuple(f"{name}." for name in self.blocks)
+        self.units = list(self.blocks) + [
+            name for name, module in model.named_modules()
+            if name and not name.startswith(inside) and _own_tensors(module)]
+        self._held: dict[str, int] = {}
+        self._hooked: dict[str, tuple[nn.Module, list]] = {}
+        for unit in self.units:
+            self._hook(unit)
+
+    # -- which unit a module belongs to ------------------------------------------------------
+    def unit_of(self, name: str) -> str:
+        """The unit holding module ``name``: its block, or the longest unit naming it or above it."""
+        candidates = [u for u in self.units if name == u or name.startswith(u + ".")]
+        if not candidates:
+            raise LayerwiseError(f"{name} lies in no unit of the on-disk model (it holds no weights)")
+        return max(candidates, key=len)
+
+    # -- hooks for whole-model forward passes -------------------------------------------------
+    def _hook(self, unit: str) -> None:
+        module = self.model.get_submodule(unit)
+        if unit in self._hooked and self._hooked[unit][0] is module:
+            return
+        for handle in self._hooked.get(unit, (None, []))[1]:
+            handle.remove()
+        loaded_here: list[bool] = []
+
+        def before(mod, args):
+            if unit not in self._held and _has_meta(mod):
+                self._load(unit)
+                loaded_here.append(True)
+
+        def after(mod, args, output):
+            if loaded_here:
+                loaded_here.pop()
+                self._release(unit)
+
+        handles = [module.register_forward_pre_hook(before),
+                   module.register_forward_hook(after, always_call=True)]
+        self._hooked[unit] = (module, handles)
+
+    # -- holding a unit while a stage works on it ---------------------------------------------
+    @contextlib.contextmanager
+    def hold(self, unit: str):
+        """Unit ``unit`` in memory inside the block; what it holds on leaving is spilled to disk
+        and read from there from then on."""
+        if unit not in self.units:
+            unit = self.unit_of(unit)
+        if self._held.get(unit):
+            self._held[unit] += 1
+            try:
+                yield
+            finally:
+                self._held[unit] -= 1
+            return
+        self._load(unit)
+        self._held[unit] = 1
+        try:
+            yield
+            self._spill(unit)
+        finally:
+            del self._held[unit]
+            self._release(unit)
+            self._hook(unit)  # a stage may have replaced the module itself (lm_head by a packed one)
+
+    def _slots(self, unit: str):
+        """``(dotted name, owning module, attribute, is parameter)`` of the unit's persistent tensors."""
+        module = self.model.get_submodule(unit)
+        for prefix, child in module.named_modules(prefix=unit, remove_duplicate=False):
+            for attr, tensor in child._parameters.items():
+                if tensor is not None:
+                    yield f"{prefix}.{attr}", child, attr, True
+            for attr, tensor in child._buffers.items():
+                if tensor is not None and attr not in child._non_persistent_buffers_set:
+                    yield f"{prefix}.{attr}", child, attr, False
+
+    def source(self, name: str, tensor: torch.Tensor) -> Ref:
+        """Where the value of ``tensor`` (named ``name`` in the model) lies, read in its dtype (a
+        float checkpoint may store it in another precision)."""
+        ref = self.where.get(name)
+        if ref is None:
+            ref = next((self.where[other] for other, value in self.model.named_parameters(remove_duplicate=False)
+                        if value is tensor and other in self.where), None)  # a tied alias
+        if ref is None:
+            raise LayerwiseError(f"{name}: not in the checkpoint; the model cannot be compressed from disk")
+        if ref.stored.is_floating_point and tensor.is_floating_point() and ref.out_dtype != tensor.dtype:
+            ref = dataclasses.replace(ref, dtype=tensor.dtype)
+        return ref
+
+    def _load(self, unit: str) -> None:
+        for name, owner, attr, is_param in list(self._slots(unit)):
+            current = (owner._parameters if is_param else owner._buffers)[attr]
+            if not current.is_meta:
+                continue  # loaded through a tied alias already
+            tensor = self.source(name, current).load()  # in the model's dtype (float32 while it computes)
+            if is_param:
+                self._swap(current, nn.Parameter(tensor, requires_grad=current.requires_grad))
+            else:
+                owner._buffers[attr] = tensor
+
+    def _release(self, unit: str) -> None:
+        for name, owner, attr, is_param in list(self._slots(unit)):
+            current = (owner._parameters if is_param else owner._buffers)[attr]
+            if current.is_meta:
+                continue
+            empty = torch.empty(current.shape, dtype=current.dtype, device="meta")
+            if is_param:
+                self._swap(current, nn.Parameter(empty, requires_grad=current.requires_grad))
+            else:
+                owner._buffers[attr] = empty
+
+    def _swap(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        """Put ``new`` wherever ``old`` is held (tied weights are one object in several modules)."""
+        for module in self.model.modules():
+            for attr, value in module._parameters.items():
+                if value is old:
+                    module._parameters[attr] = new
+
+    def _spill(self, unit: str) -> None:
+        """Write the unit as it is now to a file of its own, which its names point to from now on."""
+        tensors, aliases, seen = {}, {}, {}
+        for name, owner, attr, is_param in self._slots(unit):
+            tensor = (owner._parameters if is_param else owner._buffers)[attr]
+            if id(tensor) in seen:
+                aliases[name] = seen[id(tensor)]
+                continue
+            seen[id(tensor)] = name
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+        path = self.spill / f"{self._spilled:06d}.safetensors"
+        self._spilled += 1
+        save_file(tensors, path)
+        refs = file_refs([path])
+        self.where.update(refs)
+        self.where.update({name: refs[target] for name, target in aliases.items()})
+
+
+def _own_tensors(module: nn.Module) -> bool:
+    return any(t is not None for t in module._parameters.values()) or any(
+        t is not None and k not in module._non_persistent_buffers_set for k, t in module._buffers.items())
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+# Stages that work block by block through `resident` (everything else needs the whole model).
+LAYERWISE_STAGES = ("quantize",)
+
+
+def check_recipe(recipe) -> None:
+    """Refuse, before any work, what cannot run with the weights on disk."""
+    for i, stage in enumerate(recipe.stages):
+        where = f"recipe stages[{i}].{stage.name}"
+        if stage.name not in LAYERWISE_STAGES:
+            raise LayerwiseError(f"{where}: this stage changes the whole model at once and needs it in memory; "
+                                 "layer-wise compression runs quantize stages (drop --layerwise for the others)")
+        if stage.embeddings is not None:
+            raise LayerwiseError(f"{where}.embeddings: a quantized embedding table is not written layer by layer yet; "
+                                 "drop the embeddings key or --layerwise")
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    from .formats.folder import safetensors_files
+
+    return safetensors_files(folder)
+
+
+def _resolve_dtype(dtype, config, refs: dict[str, Ref]) -> torch.dtype:
+    """The dtype ``from_pretrained`` would give the model: ``dtype``, or for "auto" the config's,
+    else the checkpoint's first floating tensor's."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype)
+    stated = getattr(config, "dtype", None)
+    if isinstance(stated, str):
+        stated = getattr(torch, stated, None)
+    if isinstance(stated, torch.dtype):
+        return stated
+    return next((ref.stored for ref in refs.values() if ref.stored.is_floating_point), torch.float32)
+
+
+def open_on_disk(folder: str | os.PathLike, model_class, *, dtype="auto", spill: str | os.PathLike,
+                 trust_remote_code: bool = False) -> nn.Module:
+    """``model_class`` (an Auto class or a model class) built empty for the safetensors checkpoint
+    in ``folder``, its weights read from there unit by unit (see the module doc)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    from .formats.checkpoint import loaded_names
+
+    folder = Path(folder)
+    refs = file_refs(checkpoint_files(folder))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    dtype = _resolve_dtype(dtype, config, refs)
+    with init_empty_weights(include_buffers=False):  # computed buffers (rotary tables) stay real
+        model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_pretrained ties after loading; tied tables are one parameter from here on
+    model.eval()
+    if (folder / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    renamed = {k: v for k, v in loaded_names(model, refs).items() if k != v}
+    if renamed:
+        first = next(iter(renamed.items()))
+        raise LayerwiseError(f"{type(model).__name__} renames checkpoint tensors on load (e.g. {first[1]} -> {first[0]}); "
+                             "layer-wise compression reads checkpoints stored under the model's own names: drop --layerwise")
+    expected = model.state_dict()
+    missing = [name for name, tensor in expected.items() if name not in refs and not _tied(model, name)]
+    wrong = [name for name, tensor in expected.items() if name in refs and tuple(tensor.shape) != refs[name].shape]
+    if missing or wrong:
+        what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {list(refs[wrong[0]].shape)}"
+        raise LayerwiseError(f"{folder}: the checkpoint does not match {type(model).__name__} ({what}); "
+                             "it cannot be read layer by layer")
+    model.__dict__[STORE_ATTRIBUTE] = DiskWeights(model, refs, Path(spill))
+    logger.info("layer-wise: %s built empty; its %d tensors are read from %s one unit at a time",
+                type(model).__name__, len(refs), folder)
+    return model
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is another parameter under a second name (tied embeddings)."""
+    try:
+        tensor = model.get_parameter(name)
+    except AttributeError:
+        return False
+    return any(value is tensor and other != name for other, value in model.named_parameters(remove_duplicate=False))
+
+
+def save_on_disk(model: nn.Module, directory: str | os.PathLike, save_format: str = "auto",
+                 max_shard_size: int | str = "5GB") -> str:
+    """Save a model compressed with its weights on disk into ``directory`` as ``save_pretrained``
+    does for one in memory (the same files, byte for byte); returns the format written."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from .card import write_model_card
+    from .formats.save import finish_save
+
+    store = store_of(model)
+    directory = Path(directory)
+    state = remove_tied_weights_from_state_dict(model.state_dict(keep_vars=True), model)
+    tensors = {name: store.source(name, tensor) for name, tensor in state.items()}
+    metadata = {"format": "pt"}
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        metadata.update(quantizer.get_state_dict_and_metadata(model)[1] or {})
+    # What save_pretrained writes besides the tensors, as it writes it.
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    write_folder(directory, tensors, max_shard_size, metadata)
+    compressed = isinstance(getattr(model.config, "quantization_config", None), CompressionConfig)
+    saved = finish_save(directory, save_format, max_shard_size) if compressed else "plain"
+    model.hfcompress_saved_format = saved
+    if compressed or compression_record(model) is not None:
+        write_model_card(model, directory)
+    return saved

@@ -1,0 +1,107 @@
+"""``compress --layerwise``: the model built empty, its blocks read from disk one at a time, the
+output written tensor by tensor; the files must equal the in-memory run's, byte for byte."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_llama
+from hfcompress.cli import main
+from hfcompress.layerwise import DiskWeights, open_on_disk
+from hfcompress.residency import resident, store_of
+
+GPTQ = {"method": "gptq", "bits": 4, "group_size": 32, "sym": True, "act_order": True, "static_groups": True}
+CALIBRATION = {"samples": 4, "seq_len": 32}
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _recipe(tmp_path, quantize: dict):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"calibration": CALIBRATION, "stages": [{"quantize": quantize}]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def untied_llama_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-untied"
+    tiny_llama(tie=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _calibration_text(tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 40)
+    return str(text)
+
+
+@pytest.mark.parametrize("quantize, dtype", [
+    ({"method": "rtn", "bits": 4, "group_size": 32, "sym": True}, "float32"),
+    (GPTQ, "float32"),
+    ({**GPTQ, "asymmetric": 0.25, "mse": True}, "float32"),
+    ({**GPTQ, "group_size": 48}, "bfloat16"),  # a ragged last group: the native format
+    ({"method": "awq", "bits": 4, "group_size": 32, "sym": True}, "float32"),
+])
+@pytest.mark.parametrize("tied", [True, False])
+def test_layerwise_output_equals_in_memory(tmp_path, tiny_llama_dir, untied_llama_dir, quantize, dtype, tied):
+    source = tiny_llama_dir if tied else untied_llama_dir
+    recipe = _recipe(tmp_path, quantize)
+    common = [str(source), "--recipe", recipe, "--no-eval", "--dtype", dtype, "--calibration-data",
+              _calibration_text(tmp_path)]
+    # The same output name (the model card names it) in two folders.
+    assert main(["compress", *common, "--output", str(tmp_path / "memory" / "out")]) == 0
+    assert main(["compress", *common, "--output", str(tmp_path / "disk" / "out"), "--layerwise"]) == 0
+    memory, disk = _digests(tmp_path / "memory" / "out"), _digests(tmp_path / "disk" / "out")
+    assert memory == disk
+    assert list((tmp_path / "disk").iterdir()) == [tmp_path / "disk" / "out"]  # the spill folder is gone
+
+
+def test_blocks_load_one_at_a_time(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = open_on_disk(tiny_llama_dir, AutoModelForCausalLM, dtype="float32", spill=tmp_path / "spill")
+    store = store_of(model)
+    assert isinstance(store, DiskWeights)
+    assert all(p.is_meta for p in model.parameters())
+    blocks = store.blocks
+    with resident(model, blocks[1]):
+        loaded = {name for name, p in model.named_parameters() if not p.is_meta}
+        assert loaded and all(name.startswith(blocks[1] + ".") for name in loaded)
+    assert all(p.is_meta for p in model.parameters())
+    # A whole forward pass reads each unit as it comes and drops it again; logits match the float model.
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_layerwise_refuses_whole_model_stages(tmp_path, tiny_llama_dir, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"stages": [{"rotate": {}}, {"quantize": {"method": "rtn"}}]}))
+    assert main(["compress", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(tmp_path / "o"),
+                 "--layerwise", "--no-eval"]) == 2
+    assert "needs it in memory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_layerwise_output_reloads(tmp_path, tiny_llama_dir):
+    import hfcompress  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(tmp_path, {"method": "rtn", "bits": 4, "group_size": 32, "sym": True})
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_llama_dir), "--recipe", recipe, "--no-eval", "--dtype", "float32",
+                 "--output", str(out), "--layerwise"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tensors = load_file(out / "model.safetensors")
+    assert any(name.endswith("weight_packed") for name in tensors)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
