@@ -1,7 +1,7 @@
 """GPTQ calibration over two processes against one, on SmolLM2 (float32 safetensors).
 
-One run of ``hfcompress compress`` in one process, one under ``accelerate launch --cpu
---num_processes 2`` (gloo), the same recipe and calibration windows (Austen); prints the wall time
+One run of ``hfcompress compress`` in one process, one under ``accelerate launch --multi_gpu
+--num_processes 2`` (gloo on this CPU machine), the same recipe and calibration windows (Austen); prints the wall time
 and peak RSS of each, whether the output files are identical (sha256), and, when they are not,
 the WikiText-2 perplexity of both (the acceptance tolerance: equal to 3 digits).
 
@@ -34,14 +34,16 @@ def main():
     runs = {
         "one_process": [python(), "-m", "hfcompress.cli", *common, "--output", str(args.work / "one" / "out")],
         f"{args.processes}_processes": [
-            str(Path(python()).parent / "accelerate"), "launch", "--cpu", "--num_processes", str(args.processes),
+            # --multi_gpu starts the processes through torch.distributed.run (on a machine without
+            # GPUs hfcompress joins them with gloo); accelerate's --cpu starts one unless mpirun is set up.
+            str(Path(python()).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(args.processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 2) // args.processes)),
             "-m", "hfcompress.cli", *common, "--output", str(args.work / "many" / "out")],
     }
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.processes))}  # the same cores in all
     results: dict = {"recipe": args.recipe, "calibration": "32 Austen windows x 2048 tokens"}
     for name, cmd in runs.items():
-        result = measure(cmd, args.work / f"{name}.log")
+        result = measure(cmd, args.work / f"{name}.log", env=None if name == "one_process" else threads)
         result["peak_rss_gb"] = round(result.pop("peak_rss_bytes") / 1e9, 3)
         results[name] = result
         print(json.dumps({name: result}), flush=True)

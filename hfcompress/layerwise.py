@@ -23,6 +23,7 @@ share, quantized embedding tables) need it in memory and are refused here with t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -33,9 +34,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import CompressionConfig, compression_record
-from .errors import UserError
+from .errors import StageError, UserError
 from .formats.shards import Ref, file_refs, write_folder
 from .models import block_names
+from .precision import all_finite
 from .residency import STORE_ATTRIBUTE, store_of
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class DiskWeights:
             name for name, module in model.named_modules()
             if name and not name.startswith(inside) and _own_tensors(module)]
         self._held: dict[str, int] = {}
+        self._loaded: dict[str, list] = {}  # unit -> the (module, attribute, is parameter) slots it read
         self._hooked: dict[str, tuple[nn.Module, list]] = {}
         for unit in self.units:
             self._hook(unit)
@@ -144,6 +147,7 @@ class DiskWeights:
         return ref
 
     def _load(self, unit: str) -> None:
+        loaded = self._loaded.setdefault(unit, [])
         for name, owner, attr, is_param in list(self._slots(unit)):
             current = (owner._parameters if is_param else owner._buffers)[attr]
             if not current.is_meta:
@@ -153,17 +157,25 @@ class DiskWeights:
                 self._swap(current, nn.Parameter(tensor, requires_grad=current.requires_grad))
             else:
                 owner._buffers[attr] = tensor
+            loaded.append((owner, attr, is_param))
 
     def _release(self, unit: str) -> None:
-        for name, owner, attr, is_param in list(self._slots(unit)):
-            current = (owner._parameters if is_param else owner._buffers)[attr]
-            if current.is_meta:
+        """Every tensor of the unit back to the meta device: those it holds now, and those it was
+        loaded with, also in modules a stage has since replaced (a stage's own lists of the layers
+        it quantizes would otherwise keep every block's float weights alive)."""
+        slots = [(owner, attr, is_param) for _, owner, attr, is_param in self._slots(unit)]
+        for owner, attr, is_param in slots + self._loaded.pop(unit, []):
+            current = (owner._parameters if is_param else owner._buffers).get(attr)
+            if current is None or current.is_meta:
                 continue
             empty = torch.empty(current.shape, dtype=current.dtype, device="meta")
             if is_param:
-                self._swap(current, nn.Parameter(empty, requires_grad=current.requires_grad))
+                empty = nn.Parameter(empty, requires_grad=current.requires_grad)
+                self._swap(current, empty)
+                owner._parameters[attr] = empty
             else:
                 owner._buffers[attr] = empty
+        _return_freed_memory()
 
     def _swap(self, old: nn.Parameter, new: nn.Parameter) -> None:
         """Put ``new`` wherever ``old`` is held (tied weights are one object in several modules)."""
@@ -181,6 +193,9 @@ class DiskWeights:
                 aliases[name] = seen[id(tensor)]
                 continue
             seen[id(tensor)] = name
+            if tensor.is_floating_point() and not all_finite(tensor):  # the in-memory run's check, per unit
+                raise StageError(f"{name} holds non-finite values (NaN or inf) after the stage; nothing was saved. "
+                                 "Check the stage's numbers")
             tensors[name] = tensor.detach().to("cpu").contiguous()
         path = self.spill / f"{self._spilled:06d}.safetensors"
         self._spilled += 1
@@ -188,6 +203,15 @@ class DiskWeights:
         refs = file_refs([path])
         self.where.update(refs)
         self.where.update({name: refs[target] for name, target in aliases.items()})
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed heap back to the system (glibc keeps freed blocks of a few MB in its arenas,
+    which would make every block read so far count in the process's memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        pass
 
 
 def _own_tensors(module: nn.Module) -> bool:

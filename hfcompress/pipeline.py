@@ -29,6 +29,7 @@ from .config import CompressionConfig
 from .context import CompressionContext
 from .errors import StageError
 from .output import output_lock
+from .precision import all_finite
 from .models import ArchitectureError, decoder_blocks, matches
 from .pruning.layout import PruningError, layout_of
 from .pruning.select import remove_count
@@ -139,21 +140,9 @@ def _non_finite(model: nn.Module) -> list[str]:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not tensor.is_meta and id(tensor) not in seen:
             seen.add(id(tensor))
-            if not _all_finite(tensor):
+            if not all_finite(tensor):
                 bad.append(name)
     return bad
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no value is NaN or infinite: the extremes tell (min and max propagate NaN), in one
-    read of the tensor and without the boolean copy ``isfinite`` makes (20x faster on CPU)."""
-    if tensor.numel() == 0:
-        return True
-    try:
-        low, high = torch.aminmax(tensor)
-    except NotImplementedError:  # float8: neither aminmax nor isfinite has a kernel for it
-        return bool(torch.isfinite(tensor.float()).all())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _check_finite(model: nn.Module, what: str, before: list[str]) -> None:

@@ -122,19 +122,19 @@ def test_a_killed_write_leaves_the_old_or_the_new_output_whole(templates, tmp_pa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
 def test_finiteness_check_sees_one_bad_value_anywhere(dtype, bad):
-    from hfcompress.pipeline import _all_finite
+    from hfcompress.precision import all_finite
 
     tensor = torch.randn(37, 53).to(dtype)
     if bad is not None:
         tensor[29, 41] = bad
-    assert _all_finite(tensor) == (bad is None)
-    assert _all_finite(torch.empty(0, 4, dtype=dtype))
+    assert all_finite(tensor) == (bad is None)
+    assert all_finite(torch.empty(0, 4, dtype=dtype))
 
 
 def test_finiteness_check_reads_float8_weights():
-    from hfcompress.pipeline import _all_finite
+    from hfcompress.precision import all_finite
 
     tensor = torch.randn(8, 8).to(torch.float8_e4m3fn)
-    assert _all_finite(tensor)
+    assert all_finite(tensor)
     tensor[3, 5] = float("nan")
-    assert not _all_finite(tensor)
+    assert not all_finite(tensor)

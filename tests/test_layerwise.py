@@ -105,3 +105,29 @@ def test_layerwise_output_reloads(tmp_path, tiny_llama_dir):
     assert any(name.endswith("weight_packed") for name in tensors)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_replaced_layers_are_dropped_with_their_block(tmp_path, tiny_llama_dir):
+    """A stage's own list of the layers it replaces must not keep their float weights in memory."""
+    import hfcompress
+    from transformers import AutoModelForCausalLM
+
+    model = open_on_disk(tiny_llama_dir, AutoModelForCausalLM, dtype="float32", spill=tmp_path / "spill")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    hfcompress.compress(model, {"stages": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}]})
+    assert all(m.weight.is_meta for m in linears)  # replaced by packed layers, and dropped
+    assert all(t.is_meta for t in model.state_dict().values())
+
+
+def test_a_unit_left_non_finite_is_refused(tmp_path, tiny_llama_dir):
+    """What the in-memory run checks after each stage, the store checks for each unit it writes back."""
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress.errors import StageError
+
+    model = open_on_disk(tiny_llama_dir, AutoModelForCausalLM, dtype="float32", spill=tmp_path / "spill")
+    block = store_of(model).blocks[0]
+    with pytest.raises(StageError, match="input_layernorm.weight holds non-finite values"):
+        with resident(model, block):
+            model.get_submodule(block).input_layernorm.weight.data[0] = float("inf")
+    assert all(p.is_meta for p in model.parameters())  # dropped all the same

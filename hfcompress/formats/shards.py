@@ -26,14 +26,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checkpoint import SAFETENSORS_DTYPES
 from .stream_writer import StreamWriter
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_STORED_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-                  "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
-                  "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
-                  "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn}
+_STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)

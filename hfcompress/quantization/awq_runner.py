@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import input_hooks, run_block, walk_blocks
+from ..residency import home_device
 from ..models import block_names, decoder_blocks, linear_shape
 from ..models.layout import block_layout
 from ..models.stream import map_stream, norm_scale
@@ -91,7 +92,7 @@ def apply_awq_scales(model: nn.Module, stage: QuantizeStage, windows: torch.Tens
         return fake_quantize(W, stage.bits, stage.group_size, stage.sym)
 
     blocks = decoder_blocks(model)
-    run_device = device or next(model.parameters()).device  # where the walk computes
+    run_device = device or home_device(model)  # where the walk computes
     for step in tqdm(walk_blocks(model, windows, device, compute_dtype), total=len(blocks), desc="AWQ scales",
                      unit="layer"):
         todo = groups.get(step.index, []) if step.reached else []
