@@ -71,6 +71,7 @@ def main():
     parser.add_argument("--large-seq-len", type=int, default=1024)
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-rtn", action="store_true", help="the 1.1B model's GPTQ run only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint, tokenizer = prepare_checkpoint(args.work)
@@ -94,11 +95,13 @@ def main():
         results["llama_1.1b"] = {
             "checkpoint_gb": round(shards / 1e9, 2),
             "calibration": f"{args.large_windows} windows x {args.large_seq_len} tokens",
-            "rtn_w4g64_layerwise": compress(args.work, "large-rtn-layerwise", large, [RTN_W4G64], windows, True),
-            "rtn_w4g64_in_memory": compress(args.work, "large-rtn-memory", large, [RTN_W4G64], windows, False),
             "gptq_w4g128_layerwise": compress(args.work, "large-gptq-layerwise", large, [GPTQ_W4G128], windows,
                                               True),
         }
+        if not args.skip_rtn:
+            results["llama_1.1b"].update({
+                "rtn_w4g64_layerwise": compress(args.work, "large-rtn-layerwise", large, [RTN_W4G64], windows, True),
+                "rtn_w4g64_in_memory": compress(args.work, "large-rtn-memory", large, [RTN_W4G64], windows, False)})
     print(json.dumps(results, indent=2))
     if args.json:
         write_json(args.json, results)

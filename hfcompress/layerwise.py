@@ -205,6 +205,17 @@ class DiskWeights:
         self.where.update({name: refs[target] for name, target in aliases.items()})
 
 
+def _allocate_large_from_the_system() -> None:
+    """Blocks of 8 MB and more straight from the system (mmap), back to it when freed. glibc's
+    default raises that threshold to the size of the largest block freed so far (up to 32 MB),
+    after which a block's weights and activations come from its heap, which fragments and keeps
+    what every block used; a model on disk is read one block at a time precisely to avoid that."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _return_freed_memory() -> None:
     """Hand the freed heap back to the system (glibc keeps freed blocks of a few MB in its arenas,
     which would make every block read so far count in the process's memory)."""
@@ -291,6 +302,7 @@ def open_on_disk(folder: str | os.PathLike, model_class, *, dtype="auto", spill:
         what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {list(refs[wrong[0]].shape)}"
         raise LayerwiseError(f"{folder}: the checkpoint does not match {type(model).__name__} ({what}); "
                              "it cannot be read layer by layer")
+    _allocate_large_from_the_system()
     model.__dict__[STORE_ATTRIBUTE] = DiskWeights(model, refs, Path(spill))
     logger.info("layer-wise: %s built empty; its %d tensors are read from %s one unit at a time",
                 type(model).__name__, len(refs), folder)

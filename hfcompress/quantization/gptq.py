@@ -164,12 +164,18 @@ class GPTQResult:
 def _cholesky_inverse_upper(H: torch.Tensor, damp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists."""
     mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     while True:
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        # One K x K matrix alive at a time beside H (K = 5632 is 127 MB): the dampened copy, its
+        # factor, the inverse, the inverse's factor, each dropped when the next exists.
+        dampened = H.clone()
+        dampened.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(dampened)
+        del dampened
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U, damp
         if damp >= max_damp:
@@ -200,20 +206,24 @@ def gptq_quantize(
     G = K if group_size == -1 else group_size
     n_groups = math.ceil(K / G)
     W_orig = W.float()
-    W = W_orig.clone()
-    H = H.float().clone()
+    H_sample = H.float()  # the reported error is measured on the calibration sample itself (not changed here)
+    H = H_sample.clone()
 
     def find(w: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The clipping search weighs each column's error by its input energy H[j, j]: a column
         # that sees large inputs costs more output error per unit of weight error.
         return find_scale_zero_mse(w, bits, sym, column_weight=energy) if mse else find_scale_zero(w, bits, sym)
 
-    H_sample = H.clone()  # the reported error is measured on the calibration sample itself
-    if shrink:
-        H = (1 - shrink) * H + shrink * torch.diag(torch.diag(H))
+    if shrink:  # (1 - shrink) H + shrink diag(H), in place
+        diagonal = torch.diag(H)
+        H.mul_(1 - shrink)
+        H.diagonal().add_(shrink * diagonal)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    W = W_orig
+    if dead.any():  # columns that never see an input: zeroed, in a copy
+        W = W_orig.clone()
+        W[:, dead] = 0
 
     scales = torch.zeros(n_groups, N, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(n_groups, N, dtype=torch.float32, device=W.device)
@@ -224,12 +234,13 @@ def gptq_quantize(
             scales[g] = round_scale(scale, scale_dtype)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    H = H[perm][:, perm]
     Hinv, damp = _cholesky_inverse_upper(H, damp)
 
     # The loop works on W^T (and Q^T, Err1^T) so that each column of W is a contiguous row.
-    Wt = W.t().contiguous()  # [K, N], in processing (permuted) order
-    Qt = torch.zeros_like(Wt)  # codes
+    Wt = W.t()[perm].contiguous()  # [K, N], in processing (permuted) order: the one working copy
+    del W
+    Qt = torch.zeros(K, N, dtype=torch.int32, device=Wt.device)  # codes (whole numbers: stored exactly)
     groups = [p // G for p in perm.tolist()] if static_groups else [c // G for c in range(K)]
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -253,9 +264,10 @@ def gptq_quantize(
             Err1[i] = err
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # the lazy batch update
 
-    Q = Qt.t().to(torch.int32)
-    g_idx = torch.tensor(groups, dtype=torch.int32, device=W.device)
+    del Wt, Hinv
+    g_idx = torch.tensor(groups, dtype=torch.int32, device=Qt.device)
     invperm = torch.argsort(perm)
-    Q, g_idx = Q[:, invperm], g_idx[invperm]
+    Q, g_idx = Qt.t()[:, invperm], g_idx[invperm]
+    del Qt
     weight = QuantizedWeight(Q, scales.to(scale_dtype), zeros.to(torch.int32), g_idx, bits, group_size, sym)
     return GPTQResult(weight, damp, relative_error(W_orig, weight.dequantize(), H_sample))

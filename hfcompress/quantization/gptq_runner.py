@@ -240,7 +240,7 @@ class GPTQBlockQuantizer:
         for i, leader in enumerate(leaders):
             group = {name: targets[name] for name in groups[leader]}
             size = linear_shape(targets[leader])[0]
-            H = tracker.hessians.get(leader)
+            H = tracker.hessians.pop(leader, None)  # dropped once solved: one block's Hessians, not all at once
             H, count = distributed.mean_over_ranks(H if H is not None else torch.zeros(size, size, device=self.device),
                                                    tracker.counts.get(leader, 0))
             cross = None
@@ -348,19 +348,18 @@ def quantize_gptq(
         for name, fmt in resume.restore(model, hidden).items():
             record(name, fmt)
 
-    pending: dict[int, tuple] = {}  # block -> (its results, the quantizer's format, its targets)
+    pending: dict[int, tuple] = {}  # block -> (its packed linears, its targets), installed after the block's pass
 
     def install(step) -> dict[str, QuantLinear]:
         """Swap the block's quantized linears for packed ones (every layer that shares one gets it)."""
-        results, fmt, targets_here = pending.pop(step.index)
+        qlinears, targets_here = pending.pop(step.index)
         packed = {}
-        for short, result in results.items():
+        for short, qlinear in qlinears.items():
             module = targets_here[short]
-            qlinear = QuantLinear.from_quantized(result.weight, module.bias, fmt)
             packed[f"{step.name}.{short}"] = qlinear
             for user, user_short in users[id(module)]:
                 blocks[user].set_submodule(user_short, qlinear)
-            record(owners[id(module)], fmt)
+            record(owners[id(module)], qlinear.format)
         return packed
 
     def checkpoint(step):
@@ -403,7 +402,12 @@ def quantize_gptq(
         finally:
             for module in experts:
                 module.calibrate_all = False
-        pending[b] = (results, quantizer.format, targets_here)
+        # Packed now (an eighth of the unpacked codes' memory); swapped in once the windows have run
+        # through the block's float linears, which hold the dequantized weights.
+        pending[b] = ({short: QuantLinear.from_quantized(r.weight, targets_here[short].bias, quantizer.format)
+                       for short, r in results.items()}, targets_here)
+        for r in results.values():
+            r.weight = None  # the unpacked codes: the packed layers hold them now
         if not step.reached:  # no pass through it follows, so no checkpoint either
             install(step)
         rounded.update({f"{step.name}.{short}": why for short, why in quantizer.rounded.items()})
