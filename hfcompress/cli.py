@@ -262,6 +262,16 @@ def run_compress(args) -> int:
         return _compress_to(args, recipe, output, sources)
 
 
+def _complete_record(config, source) -> None:
+    """What compress() cannot know of the model's origin: its Hub id and license, from the source."""
+    from .io import read_license
+
+    if config.base_model is None:
+        config.base_model = source.hub_id
+    if config.license is None:
+        config.license = read_license(source)
+
+
 def _compress_layerwise(args, recipe, output: Path, sources: list) -> int:
     """``compress --layerwise``: the model built empty, its blocks read from disk one at a time."""
     import shutil
@@ -269,7 +279,7 @@ def _compress_layerwise(args, recipe, output: Path, sources: list) -> int:
 
     from . import compress, distributed
     from .config import CompressionConfig
-    from .io import load_processor, load_tokenizer, model_class, read_license, resolve_model_source
+    from .io import load_processor, load_tokenizer, model_class, resolve_model_source
     from .layerwise import LayerwiseError, check_recipe, open_on_disk, save_on_disk
     from .output import atomic_output
 
@@ -294,10 +304,7 @@ def _compress_layerwise(args, recipe, output: Path, sources: list) -> int:
                  config=config)
         if not distributed.is_main():
             return 0
-        if config.base_model is None:
-            config.base_model = source.hub_id
-        if config.license is None:
-            config.license = read_license(source)
+        _complete_record(config, source)
         processor = load_processor(source, trust_remote_code=args.trust_remote_code)
         with atomic_output(output, args.overwrite, sources) as staging:
             save_on_disk(model, staging, save_format=args.save_format)
@@ -316,7 +323,7 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
     from .config import CompressionConfig
     from .data import check_text_source, describe_text_source
     from .evaluation import evaluate_perplexity
-    from .io import load_model, load_processor, read_license, save_compressed
+    from .io import load_model, load_processor, save_compressed
 
     from . import distributed
 
@@ -344,10 +351,7 @@ def _compress_to(args, recipe, output: Path, sources: list) -> int:
     config = CompressionConfig()  # filled in by compress(); the card and config.json read this same record
     compress(model, recipe, tokenizer=tokenizer, calibration_data=args.calibration_data, resume_dir=resume_dir,
              device=args.device, config=config)
-    if config.base_model is None:
-        config.base_model = source.hub_id
-    if config.license is None:
-        config.license = read_license(source)
+    _complete_record(config, source)
     after = evaluate_perplexity(model, tokenizer, data, **_eval_options(args)) if data is not None else None
     if after is not None:
         config.metrics["perplexity"] = {**after.to_dict(), "dataset": describe_text_source(

@@ -20,17 +20,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def active() -> bool:
     """Whether this process is one of several in an initialized process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and world() > 1
+    return _initialized() and world() > 1
 
 
 def world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    return torch.distributed.get_world_size() if _initialized() else 1
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if _initialized() else 0
 
 
 def is_main() -> bool:

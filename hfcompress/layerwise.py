@@ -250,12 +250,6 @@ def check_recipe(recipe) -> None:
                                  "drop the embeddings key or --layerwise")
 
 
-def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    from .formats.folder import safetensors_files
-
-    return safetensors_files(folder)
-
-
 def _resolve_dtype(dtype, config, refs: dict[str, Ref]) -> torch.dtype:
     """The dtype ``from_pretrained`` would give the model: ``dtype``, or for "auto" the config's,
     else the checkpoint's first floating tensor's."""
@@ -279,9 +273,10 @@ def open_on_disk(folder: str | os.PathLike, model_class, *, dtype="auto", spill:
     from transformers import AutoConfig, GenerationConfig
 
     from .formats.checkpoint import loaded_names
+    from .formats.folder import safetensors_files
 
     folder = Path(folder)
-    refs = file_refs(checkpoint_files(folder))
+    refs = file_refs(safetensors_files(folder))
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     dtype = _resolve_dtype(dtype, config, refs)
     with init_empty_weights(include_buffers=False):  # computed buffers (rotary tables) stay real
