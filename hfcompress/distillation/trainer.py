@@ -147,6 +147,7 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"the student's vocabulary ({student_vocab}) and the teacher's ({teacher_vocab}) differ; "
                              "distill from a teacher with the same tokenizer")
         check_same_tokenizer(self.processing_class, teacher_tokenizer)
+        self.teacher = self._shard_like_student(teacher)
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.layer_map = self._layer_map()
@@ -155,6 +156,21 @@ class DistillationTrainer(Trainer):
             self.add_callback(_SaveProjections(self))
 
     # --- what compute_loss needs ------------------------------------------------------------------
+    def _shard_like_student(self, teacher: nn.Module) -> nn.Module:
+        """Under FSDP the teacher is sharded as the student is (the plugin's wrap policy, resharding,
+        offload and mixed precision): each process keeps 1/N of its weights and gathers one wrapped
+        layer at a time during the forward, so a teacher as large as the student fits where it does."""
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+            from accelerate.utils import fsdp2_prepare_model
+
+            # Not accelerator.prepare: that would register the teacher among the models it saves.
+            return fsdp2_prepare_model(self.accelerator, teacher)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            logger.warning("every process holds the whole teacher under %s (only the student is sharded); use "
+                           "FSDP2 (fsdp_config version 2) to shard the teacher too, or load it in a smaller dtype",
+                           "DeepSpeed" if self.is_deepspeed_enabled else "FSDP1")
+        return teacher
+
     def _layer_map(self) -> dict[int, int]:
         if self.args.layer_map:
             return {int(s): int(t) for s, t in self.args.layer_map}
@@ -173,12 +189,34 @@ class DistillationTrainer(Trainer):
                               for s in self.layer_map})
 
     def create_optimizer(self, model=None):
-        fresh = self.optimizer is None
-        optimizer = super().create_optimizer(model)
-        if fresh and self.projections is not None:
-            self.projections.to(self.args.device)
-            self.optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
-        return optimizer
+        if self.optimizer is None:
+            self._projections_join = True  # an optimizer of our own making (not one the user passed in)
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # The projections join the optimizer here, after accelerate has prepared it (under FSDP2 it
+        # swaps the student's parameters for their shards there, by identity, and would not know
+        # the projections) and before the scheduler reads its groups or a checkpoint restores them.
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if self.projections is not None and getattr(self, "_projections_join", False) and optimizer is not None:
+            params = list(self.projections.parameters())
+            joined = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in joined for p in params):
+                self.projections.to(self.args.device)
+                optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.projections is not None and self.accelerator.num_processes > 1:
+            # The projections train outside the wrapped student, whose gradients DDP/FSDP average;
+            # theirs are averaged here the same way, or each process would step them differently.
+            # (Averaging each micro-batch's running sum still gives the mean of the sums.)
+            for p in self.projections.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.accelerator.num_processes)
+        return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not layers_in_training(self.model):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -161,23 +162,25 @@ class GPTQResult:
     error: float  # relative reconstruction error on the calibration sample (see relative_error)
 
 
-def _cholesky_inverse_upper(H: torch.Tensor, damp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists."""
-    mean_diag = torch.mean(torch.diag(H))
+def _cholesky_inverse_upper(prepare: Callable[[], torch.Tensor], damp: float,
+                            max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists.
+
+    ``prepare`` returns a fresh copy of ``H`` that this function may overwrite: the factor, the
+    inverse and the inverse's factor are each computed in that one buffer (K = 5632 is 127 MB per
+    K x K matrix), and a failed attempt asks for a new copy instead of keeping one aside.
+    """
     while True:
-        # One K x K matrix alive at a time beside H (K = 5632 is 127 MB): the dampened copy, its
-        # factor, the inverse, the inverse's factor, each dropped when the next exists.
-        dampened = H.clone()
-        dampened.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(dampened)
-        del dampened
+        A = prepare()
+        A.diagonal().add_(damp * torch.mean(torch.diag(A)))
+        info = torch.empty((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
-                return U, damp
+                return A, damp
+        del A
         if damp >= max_damp:
             raise RuntimeError(f"the Hessian is not positive definite even with dampening {damp}")
         logger.warning("Cholesky factorization failed with dampening %g; retrying with %g", damp, damp * 10)
@@ -207,19 +210,17 @@ def gptq_quantize(
     n_groups = math.ceil(K / G)
     W_orig = W.float()
     H_sample = H.float()  # the reported error is measured on the calibration sample itself (not changed here)
-    H = H_sample.clone()
 
     def find(w: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The clipping search weighs each column's error by its input energy H[j, j]: a column
         # that sees large inputs costs more output error per unit of weight error.
         return find_scale_zero_mse(w, bits, sym, column_weight=energy) if mse else find_scale_zero(w, bits, sym)
 
-    if shrink:  # (1 - shrink) H + shrink diag(H), in place
-        diagonal = torch.diag(H)
-        H.mul_(1 - shrink)
-        H.diagonal().add_(shrink * diagonal)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    # Only H's diagonal is needed outside the factorization; the working K x K matrix is built
+    # (and rebuilt, should dampening have to grow) from the sample by `working_hessian`.
+    diagonal = torch.diag(H_sample).clone()  # shrinking leaves it as it is: (1 - s) d + s d
+    dead = diagonal == 0
+    diagonal[dead] = 1
     W = W_orig
     if dead.any():  # columns that never see an input: zeroed, in a copy
         W = W_orig.clone()
@@ -230,12 +231,23 @@ def gptq_quantize(
     if static_groups:
         # Group grids from the original weights, in natural column order.
         for g in range(n_groups):
-            scale, zeros[g] = find(W[:, g * G : (g + 1) * G], torch.diag(H)[g * G : (g + 1) * G])
+            scale, zeros[g] = find(W[:, g * G : (g + 1) * G], diagonal[g * G : (g + 1) * G])
             scales[g] = round_scale(scale, scale_dtype)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
-    H = H[perm][:, perm]
-    Hinv, damp = _cholesky_inverse_upper(H, damp)
+    perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(K, device=W.device)
+    diagonal = diagonal[perm]
+
+    def working_hessian() -> torch.Tensor:
+        # In processing order, shrunk, dead inputs set to 1; one temporary beside the result.
+        H = H_sample[perm][:, perm] if act_order else H_sample.clone()
+        if shrink:  # (1 - shrink) H + shrink diag(H), in place
+            sample_diagonal = torch.diag(H)
+            H.mul_(1 - shrink)
+            H.diagonal().add_(shrink * sample_diagonal)
+        H[dead[perm], dead[perm]] = 1
+        return H
+
+    Hinv, damp = _cholesky_inverse_upper(working_hessian, damp)
 
     # The loop works on W^T (and Q^T, Err1^T) so that each column of W is a contiguous row.
     Wt = W.t()[perm].contiguous()  # [K, N], in processing (permuted) order: the one working copy
@@ -253,7 +265,7 @@ def gptq_quantize(
             if not static_groups and col % G == 0:
                 # The group's current weights: the rest of this block, then columns not yet reached.
                 current = torch.cat([W1[i:], Wt[i2:]])[: min(G, K - col)]
-                scale, zeros[g] = find(current.t(), torch.diag(H)[col : col + current.shape[0]])
+                scale, zeros[g] = find(current.t(), diagonal[col : col + current.shape[0]])
                 scales[g] = round_scale(scale, scale_dtype)
             scale, zero = scales[g], zeros[g]
             w = W1[i]
