@@ -16,8 +16,10 @@ that holds weights (embedding table, final norm, output projection).
   same bytes.
 
 Peak memory is then about one block, the calibration activations and the solver's statistics,
-whatever the model's size. Stages that change the whole model at once (rotate, prune, distill,
-share, quantized embedding tables) need it in memory and are refused here with that reason.
+whatever the model's size. Pruning works here too (its importance pass walks the blocks as
+calibration does, and each unit is cut while it is in memory). Stages that change the whole model
+at once (rotate, distill, share, quantized embedding tables; dropping whole layers, Taylor
+importance, expert pruning) need it in memory and are refused here with that reason.
 """
 
 from __future__ import annotations
@@ -146,6 +148,11 @@ class DiskWeights:
             ref = dataclasses.replace(ref, dtype=tensor.dtype)
         return ref
 
+    def alias(self, name: str, target: str) -> None:
+        """``name`` now holds the tensor ``target`` names (a tie restored after ``target`` changed)."""
+        if target in self.where:
+            self.where[name] = self.where[target]
+
     def _load(self, unit: str) -> None:
         loaded = self._loaded.setdefault(unit, [])
         for name, owner, attr, is_param in list(self._slots(unit)):
@@ -235,7 +242,7 @@ def _has_meta(module: nn.Module) -> bool:
 
 
 # Stages that work block by block through `resident` (everything else needs the whole model).
-LAYERWISE_STAGES = ("quantize",)
+LAYERWISE_STAGES = ("prune", "quantize")
 
 
 def check_recipe(recipe) -> None:
@@ -244,10 +251,24 @@ def check_recipe(recipe) -> None:
         where = f"recipe stages[{i}].{stage.name}"
         if stage.name not in LAYERWISE_STAGES:
             raise LayerwiseError(f"{where}: this stage changes the whole model at once and needs it in memory; "
-                                 "layer-wise compression runs quantize stages (drop --layerwise for the others)")
-        if stage.embeddings is not None:
+                                 "layer-wise compression runs prune and quantize stages (drop --layerwise for the "
+                                 "others)")
+        if stage.name == "prune":
+            _check_prune(stage, where)
+        elif stage.embeddings is not None:
             raise LayerwiseError(f"{where}.embeddings: a quantized embedding table is not written layer by layer yet; "
                                  "drop the embeddings key or --layerwise")
+
+
+def _check_prune(stage, where: str) -> None:
+    if stage.importance == "taylor":
+        raise LayerwiseError(f"{where}.importance: taylor backpropagates through the whole model at once; use "
+                             "activation or magnitude importance with --layerwise (or drop --layerwise)")
+    if stage.layers:
+        raise LayerwiseError(f"{where}.layers: dropping whole layers renumbers the blocks on disk, which layer-wise "
+                             "runs do not do yet; prune heads, ffn and hidden channels here, or drop --layerwise")
+    if stage.experts:
+        raise LayerwiseError(f"{where}.experts: expert pruning is not layer-wise yet; drop --layerwise for it")
 
 
 def _resolve_dtype(dtype, config, refs: dict[str, Ref]) -> torch.dtype:

@@ -63,6 +63,40 @@ def test_layerwise_output_equals_in_memory(tmp_path, tiny_llama_dir, untied_llam
     assert list((tmp_path / "disk").iterdir()) == [tmp_path / "disk" / "out"]  # the spill folder is gone
 
 
+@pytest.mark.parametrize("prune", [
+    {"heads": 3, "ffn": 0.25, "hidden": 0.25, "importance": "activation"},
+    {"heads": 2, "ffn": 0.5, "hidden": 0.25, "importance": "magnitude", "gqa": "per_group"},
+    {"heads": 3, "ffn": 0.25, "importance": "activation", "uniform": False},  # per-layer sizes: our record
+])
+@pytest.mark.parametrize("tied", [True, False])
+def test_layerwise_pruning_equals_in_memory(tmp_path, tiny_llama_dir, untied_llama_dir, prune, tied):
+    """The importance pass walks the blocks from disk and each unit is cut while it is in memory;
+    then GPTQ on the pruned shapes: the files are the in-memory run's."""
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"calibration": CALIBRATION, "stages": [{"prune": prune}, {"quantize": GPTQ}]}))
+    common = [str(tiny_llama_dir if tied else untied_llama_dir), "--recipe", str(recipe), "--no-eval", "--dtype",
+              "float32", "--calibration-data", _calibration_text(tmp_path)]
+    assert main(["compress", *common, "--output", str(tmp_path / "memory" / "out")]) == 0
+    assert main(["compress", *common, "--output", str(tmp_path / "disk" / "out"), "--layerwise"]) == 0
+    memory, disk = _digests(tmp_path / "memory" / "out"), _digests(tmp_path / "disk" / "out")
+    assert memory == disk
+    config = json.loads((tmp_path / "disk" / "out" / "config.json").read_text())
+    assert config["num_attention_heads"] < 6 or config["quantization_config"].get("pruned")
+
+
+@pytest.mark.parametrize("prune, words", [
+    ({"heads": 2, "importance": "taylor"}, "taylor"),
+    ({"layers": 1}, "renumbers"),
+])
+def test_layerwise_refuses_whole_model_pruning(tmp_path, tiny_llama_dir, capsys, prune, words):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"stages": [{"prune": prune}]}))
+    assert main(["compress", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(tmp_path / "o"),
+                 "--layerwise", "--no-eval"]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_blocks_load_one_at_a_time(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -30,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import run_block, walk_blocks
-from ..models import decoder_blocks, linear_weight, linear_weight_grad
+from ..models import block_names, decoder_blocks, linear_weight, linear_weight_grad
 from ..models.layout import head_rows
+from ..residency import resident
 from .layout import PruningError, PruningLayout
 
 logger = logging.getLogger(__name__)
@@ -133,41 +134,49 @@ def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: t
 def _weight_scores(model: nn.Module, layout: PruningLayout, per_weight) -> Scores:
     """Sum ``per_weight(module)`` (a tensor shaped like the ``[out, in]`` weight) over each unit."""
     scores = Scores("")
-    for block in decoder_blocks(model):
-        hd = layout.head_dim()
-        sizes = layout.sizes(block)
-        att = layout.attention
-        out = per_weight(block.get_submodule(att.out))  # [hidden, H * hd]
-        heads = out.reshape(out.shape[0], sizes.heads, hd).sum(dim=(0, 2))
-        if att.qkv:  # a head owns its rows of the fused projection, wherever they lie
-            rows = per_weight(block.get_submodule(att.qkv)).sum(1)
-            heads = heads + torch.stack([rows[head_rows(att, sizes, hd, [h], [])].sum() for h in range(sizes.heads)])
-            kv_heads = torch.stack([rows[head_rows(att, sizes, hd, [], [j])].sum() for j in range(sizes.kv_heads)])
-        else:
-            q, k, v = (per_weight(block.get_submodule(p)).sum(1) for p in (att.q, att.k, att.v))
-            heads = heads + q.reshape(sizes.heads, hd).sum(1)
-            kv_heads = (k + v).reshape(sizes.kv_heads, hd).sum(1)
-        width = sizes.ffn
-        if layout.mlp is None:
-            scores.heads.append(heads.float().cpu())
-            scores.kv_heads.append(kv_heads.float().cpu())
-            scores.ffn.append(torch.zeros(0))
-            continue
-        ffn = per_weight(block.get_submodule(layout.mlp.out)).sum(0)
-        for path in layout.mlp.inputs:
-            ffn = ffn + per_weight(block.get_submodule(path)).sum(1)
-        for path in layout.mlp.fused:
-            rows = per_weight(block.get_submodule(path)).sum(1)
-            ffn = ffn + rows[:width] + rows[width:]
+    for name, block in zip(block_names(model), decoder_blocks(model)):
+        with resident(model, name):  # a model on disk: this block read in for its scores
+            _add_block_scores(scores, block, layout, per_weight)
+    return scores
+
+
+def _add_block_scores(scores: Scores, block: nn.Module, layout: PruningLayout, per_weight) -> None:
+    """One block's head, key/value head and FFN channel scores, appended to ``scores``."""
+    hd = layout.head_dim()
+    sizes = layout.sizes(block)
+    att = layout.attention
+    out = per_weight(block.get_submodule(att.out))  # [hidden, H * hd]
+    heads = out.reshape(out.shape[0], sizes.heads, hd).sum(dim=(0, 2))
+    if att.qkv:  # a head owns its rows of the fused projection, wherever they lie
+        rows = per_weight(block.get_submodule(att.qkv)).sum(1)
+        heads = heads + torch.stack([rows[head_rows(att, sizes, hd, [h], [])].sum() for h in range(sizes.heads)])
+        kv_heads = torch.stack([rows[head_rows(att, sizes, hd, [], [j])].sum() for j in range(sizes.kv_heads)])
+    else:
+        q, k, v = (per_weight(block.get_submodule(p)).sum(1) for p in (att.q, att.k, att.v))
+        heads = heads + q.reshape(sizes.heads, hd).sum(1)
+        kv_heads = (k + v).reshape(sizes.kv_heads, hd).sum(1)
+    width = sizes.ffn
+    if layout.mlp is None:
         scores.heads.append(heads.float().cpu())
         scores.kv_heads.append(kv_heads.float().cpu())
-        scores.ffn.append(ffn.float().cpu())
-    return scores
+        scores.ffn.append(torch.zeros(0))
+        return
+    ffn = per_weight(block.get_submodule(layout.mlp.out)).sum(0)
+    for path in layout.mlp.inputs:
+        ffn = ffn + per_weight(block.get_submodule(path)).sum(1)
+    for path in layout.mlp.fused:
+        rows = per_weight(block.get_submodule(path)).sum(1)
+        ffn = ffn + rows[:width] + rows[width:]
+    scores.heads.append(heads.float().cpu())
+    scores.kv_heads.append(kv_heads.float().cpu())
+    scores.ffn.append(ffn.float().cpu())
 
 
 def _embedding_columns(model: nn.Module, per_weight) -> torch.Tensor:
     embed = model.get_input_embeddings()
-    return per_weight(embed).sum(0).float().cpu()
+    name = next(n for n, m in model.named_modules() if m is embed)
+    with resident(model, name):
+        return per_weight(embed).sum(0).float().cpu()
 
 
 @torch.no_grad()

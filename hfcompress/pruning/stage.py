@@ -29,9 +29,10 @@ from torch import nn
 from ..config import CompressionConfig, PrunedRecord
 from ..context import CompressionContext
 from ..errors import CheckpointError
-from ..models import (blocks_path, decoder_blocks, final_norm, keep_inputs, keep_outputs, linear_shape, model_configs,
+from ..models import (block_names, blocks_path, decoder_blocks, final_norm, keep_inputs, keep_outputs, linear_shape, model_configs,
                       weight_shape)
 from ..recipe import PruneStage
+from ..residency import by_unit, resident, store_of
 from ..models.layout import HEADS_FIXED
 from .experts import prune_experts
 from .importance import Scores, activation_scores, magnitude_scores, taylor_scores
@@ -97,7 +98,7 @@ def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage
 # --- pruning ------------------------------------------------------------------------------------
 
 
-def _prune_heads(blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> dict[int, list[int]]:
+def _prune_heads(model: nn.Module, blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> dict[int, list[int]]:
     """Cut heads in every block; returns the removed query heads per layer (original numbering)."""
     sizes = [layout.sizes(b) for b in blocks]
     if len({(s.heads, s.kv_heads) for s in sizes}) != 1:
@@ -115,11 +116,12 @@ def _prune_heads(blocks, layout: PruningLayout, scores: Scores, stage: PruneStag
     units = [head_units(s, scores.heads[i], scores.kv_heads[i], stage.gqa) for i, s in enumerate(sizes)]
     removed = choose([[u.score for u in layer] for layer in units], n_heads // unit_size, stage.uniform,
                      ordered=stage.gqa == "per_group")
-    pruned = {}
+    pruned, names = {}, block_names(model)
     for i, (block, layer_units, gone) in enumerate(zip(blocks, units, removed)):
         heads = {h for k in gone for h in layer_units[k].heads}
         kv = {j for k in gone for j in layer_units[k].kv_heads}
-        layout.keep_heads(block, [h for h in range(H) if h not in heads], [j for j in range(KV) if j not in kv])
+        with resident(model, names[i]):  # a model on disk: one block in memory while it is cut
+            layout.keep_heads(block, [h for h in range(H) if h not in heads], [j for j in range(KV) if j not in kv])
         pruned[i] = sorted(heads)
     logger.info("heads: %d -> %s query heads per layer, key/value heads %d -> %s (gqa: %s, importance: %s)",
                 H, _span(layout.sizes(b).heads for b in blocks), KV, _span(layout.sizes(b).kv_heads for b in blocks),
@@ -127,7 +129,7 @@ def _prune_heads(blocks, layout: PruningLayout, scores: Scores, stage: PruneStag
     return pruned
 
 
-def _prune_ffn(blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> None:
+def _prune_ffn(model: nn.Module, blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> None:
     sizes = [layout.sizes(b).ffn for b in blocks]
     if len(set(sizes)) != 1:
         raise PruningError("ffn: the model's layers already differ in FFN size; prune the FFN once, from the original")
@@ -135,8 +137,9 @@ def _prune_ffn(blocks, layout: PruningLayout, scores: Scores, stage: PruneStage)
     if not n:
         return
     removed = choose([scores.ffn[i].abs().tolist() for i in range(len(blocks))], n, stage.uniform)
-    for block, gone in zip(blocks, removed):
-        layout.keep_ffn(block, [c for c in range(sizes[0]) if c not in gone])
+    for name, block, gone in zip(block_names(model), blocks, removed):
+        with resident(model, name):
+            layout.keep_ffn(block, [c for c in range(sizes[0]) if c not in gone])
     logger.info("FFN channels: %d -> %s per layer (importance: %s)", sizes[0],
                 _span(layout.sizes(b).ffn for b in blocks), scores.method)
 
@@ -214,28 +217,38 @@ def _prune_hidden(model: nn.Module, blocks, layout: PruningLayout, scores: Score
     keep = torch.sort(scores.hidden.abs().argsort(descending=True)[: width - n]).values
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is embed.weight
-    for kind, module in plan:
-        if kind == "embedding" and module is head:
-            continue  # tied: the embedding's matrix, cut once
-        if kind == "embedding":
-            module.weight = nn.Parameter(module.weight.detach()[:, keep].contiguous(),
-                                         requires_grad=module.weight.requires_grad)
-            module.embedding_dim = len(keep)
-        elif kind == "in":
-            keep_inputs(module, keep)
-        elif kind == "out":
-            keep_outputs(module, keep)
-        else:
-            for name in ("weight", "bias"):
-                param = getattr(module, name, None)
-                if isinstance(param, nn.Parameter):
-                    setattr(module, name, nn.Parameter(param.detach()[keep].contiguous(),
-                                                       requires_grad=param.requires_grad))
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    # A tied head is the embedding's matrix, cut once with it.
+    kinds = {names[id(module)]: (kind, module) for kind, module in plan if not (tied and module is head)}
+    for unit, members in by_unit(model, kinds):  # a model on disk: each unit in memory while it is cut
+        with resident(model, unit):
+            for name in members:
+                _cut_hidden(*kinds[name], keep)
     if tied:
         head.weight = embed.weight
         head.in_features = len(keep)
+        if store_of(model) is not None:
+            store_of(model).alias(f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight")
     set_config_sizes(model, hidden=len(keep), head_dim=layout.head_dim())
     logger.info("hidden channels: %d -> %d (importance: %s)", width, len(keep), scores.method)
+
+
+def _cut_hidden(kind: str, module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep the hidden channels ``keep`` of one entry of :func:`_hidden_plan`."""
+    if kind == "embedding":
+        module.weight = nn.Parameter(module.weight.detach()[:, keep].contiguous(),
+                                     requires_grad=module.weight.requires_grad)
+        module.embedding_dim = len(keep)
+    elif kind == "in":
+        keep_inputs(module, keep)
+    elif kind == "out":
+        keep_outputs(module, keep)
+    else:
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                setattr(module, name, nn.Parameter(param.detach()[keep].contiguous(),
+                                                   requires_grad=param.requires_grad))
 
 
 def _drop_layers(model: nn.Module, blocks: nn.ModuleList, scores: Scores, stage: PruneStage) -> list[int]:
@@ -312,9 +325,9 @@ def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionCo
     scores = load_or_compute_scores(model, layout, stage, context) if (layout or stage.layers) else None
     pruned_heads, dropped = {}, []
     if stage.heads:
-        pruned_heads = _prune_heads(blocks, layout, scores, stage)
+        pruned_heads = _prune_heads(model, blocks, layout, scores, stage)
     if stage.ffn:
-        _prune_ffn(blocks, layout, scores, stage)
+        _prune_ffn(model, blocks, layout, scores, stage)
     if stage.hidden:
         _prune_hidden(model, blocks, layout, scores, stage, original)
     if stage.layers:
