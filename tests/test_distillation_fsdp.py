@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import tiny_llama
@@ -114,3 +115,12 @@ def test_fsdp2_shards_the_teacher_and_trains_as_data_parallel(tmp_path):
     _, student = _models()
     before = {name: p.detach() for name, p in student.state_dict().items()}
     assert max(float((a[name] - before[name]).abs().max()) for name in a) > 1e-4
+
+
+def test_the_distill_stage_refuses_fsdp(monkeypatch):
+    """The recipe's stage hands its model to the stages after it: FSDP shards would break them."""
+    from hfcompress.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="FSDP"):
+        hfcompress.compress(tiny_llama(), {"stages": [{"distill": {"teacher": "original", "steps": 1}}]})

@@ -15,6 +15,7 @@ the recipe's quantize stage then quantizes again (GPTQ sees the merged weights).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 
 from torch import nn
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 def apply_distill_stage(model: nn.Module, stage: DistillStage, config: CompressionConfig, context: CompressionContext) -> None:
     """Train ``model`` in place toward the stage's teacher."""
     parts = _parts(stage, config)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError("distill: this stage trains the model in place for the stages after it, which need its whole "
+                        "tensors, not FSDP shards; run compress without FSDP, or shard with DistillationTrainer and "
+                        "fsdp_config in a training script")
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise UserError(f"distill: {type(model).__name__} has no LM head to distill logits into; load it with "
                         "AutoModelForCausalLM")
