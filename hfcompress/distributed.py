@@ -77,6 +77,15 @@ def mean_over_ranks(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     return (weighted / n if n else weighted), n
 
 
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every process (itself when there is one)."""
+    if not active():
+        return value
+    total = value.clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
 def gathered(value) -> list:
     """``value`` of every process, by rank (small picklable values: names, counts)."""
     if not active():

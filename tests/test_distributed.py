@@ -34,9 +34,10 @@ def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-def _run(tmp_path, source, quantize: dict, extra: list[str] = ()) -> tuple[dict, dict]:
+def _run(tmp_path, source, quantize: dict, extra: list[str] = (), before: list[dict] = ()) -> tuple[dict, dict]:
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({"calibration": {"samples": 6, "seq_len": 128}, "stages": [{"quantize": quantize}]}))
+    recipe.write_text(json.dumps({"calibration": {"samples": 6, "seq_len": 128},
+                                  "stages": [*before, {"quantize": quantize}]}))
     text = tmp_path / "calibration.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                     "must be in want of a wife. " * 40)
@@ -56,6 +57,17 @@ def test_two_processes_give_the_single_process_output(tmp_path, tiny_llama_dir, 
     assert one.keys() == two.keys()
     # The Hessians are summed in another order (each process's mean, then the weighted sum), so
     # only float rounding separates them: the codes and scales agree.
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+
+
+@pytest.mark.parametrize("extra", [[], ["--layerwise"]])
+def test_two_processes_prune_as_one(tmp_path, tiny_llama_dir, extra):
+    """Activation importance: each process scores its windows, the sums are added over processes."""
+    prune = {"prune": {"heads": 3, "ffn": 0.25, "hidden": 0.25, "importance": "activation"}}
+    one, two = _run(tmp_path, tiny_llama_dir, GPTQ, extra, before=[prune])
+    assert one.keys() == two.keys()
+    assert one["model.embed_tokens.weight"].shape[1] == 72  # 96 hidden channels, a quarter cut
     for name in one:
         assert torch.equal(one[name], two[name]), name
 
@@ -82,3 +94,23 @@ def test_windows_are_split_by_rank(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: 6)
     with pytest.raises(ValueError, match="at least one window per process"):
         distributed.local_windows(windows)
+
+
+def test_activation_importance_scores_its_share_and_adds_up(monkeypatch):
+    """Rank 0 of 2 scores every other window; adding the other rank's sums (here: the same windows
+    again) gives the single process's scores over all of them."""
+    from conftest import tiny_llama
+    from hfcompress.pruning.importance import activation_scores
+    from hfcompress.pruning.layout import layout_of
+
+    model = tiny_llama()
+    layout = layout_of(model, mlp=True)
+    window = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    one = activation_scores(model, layout, torch.cat([window, window]), hidden=True)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda t: 2 * t)  # the other rank saw the same window
+    two = activation_scores(model, layout, torch.cat([window, window]), hidden=True)
+    for a, b in zip(one.heads + one.ffn + [one.hidden, one.layers], two.heads + two.ffn + [two.hidden, two.layers]):
+        assert torch.allclose(a, b, rtol=1e-5)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..calibration import run_block, walk_blocks
 from ..models import block_names, decoder_blocks, linear_weight, linear_weight_grad
 from ..models.layout import head_rows
@@ -76,10 +77,14 @@ def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: t
                       device: torch.device | None = None, dtype: torch.dtype | None = None,
                       hidden: bool = False) -> Scores:
     """Activation importance and Block Influence, one block at a time on ``device`` (``layout``
-    None: Block Influence only)."""
+    None: Block Influence only). Over several processes each runs its share of the windows and the
+    sums are added up before they are normalized, so every process chooses the same cuts."""
     blocks = decoder_blocks(model)
     scores = Scores("activation")
+    n_windows = len(windows)
+    windows = distributed.local_windows(windows)
     influence = torch.zeros(len(blocks))
+    sums: dict[str, list] = {"heads": [], "kv_heads": [], "ffn": [], "tokens": [], "hidden": []}
     state: dict = {}
 
     def observe(b, x, out):
@@ -99,15 +104,14 @@ def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: t
         state["hidden"] = x if state["hidden"] is None else state["hidden"] + x
 
     def collect(step):
-        """After the walk's own pass through the block (which ran the hooks): the block's scores."""
+        """After the walk's own pass through the block (which ran the hooks): the block's sums."""
         if layout is not None:
-            tokens = max(state["tokens"], 1)
-            scores.heads.append((state["heads"] / tokens).cpu())
-            scores.kv_heads.append(torch.zeros(state["sizes"].kv_heads))
-            scores.ffn.append((state["ffn"] / tokens).cpu())
+            sums["heads"].append(state["heads"].cpu())
+            sums["kv_heads"].append(torch.zeros(state["sizes"].kv_heads))
+            sums["ffn"].append(state["ffn"].cpu())
+            sums["tokens"].append(torch.tensor([float(state["tokens"])]))
             if hidden:
-                layer_hidden = state["hidden"].cpu() / len(windows)
-                state["hidden_sum"] = layer_hidden if state.get("hidden_sum") is None else state["hidden_sum"] + layer_hidden
+                sums["hidden"].append(state["hidden"].cpu())
         progress.update(1)
 
     progress = tqdm(total=len(blocks), desc="importance (activation)", unit="layer")
@@ -126,8 +130,17 @@ def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: t
             handles += [norm.register_forward_hook(norm_hook) for norm in _norm_modules(layout, block)]
         step.hooks += handles  # the walk's own pass through the block runs them
     progress.close()
-    scores.layers = 1 - influence / len(windows)
-    scores.hidden = state.get("hidden_sum")
+    influence = distributed.sum_over_ranks(influence)
+    sums = {key: [distributed.sum_over_ranks(t) for t in values] for key, values in sums.items()}
+    for heads, kv_heads, ffn, tokens in zip(sums["heads"], sums["kv_heads"], sums["ffn"], sums["tokens"]):
+        tokens = max(float(tokens), 1.0)
+        scores.heads.append(heads / tokens)
+        scores.kv_heads.append(kv_heads)
+        scores.ffn.append(ffn / tokens)
+    for layer_hidden in sums["hidden"]:
+        layer_hidden = layer_hidden / n_windows
+        scores.hidden = layer_hidden if scores.hidden is None else scores.hidden + layer_hidden
+    scores.layers = 1 - influence / n_windows
     return scores
 
 
