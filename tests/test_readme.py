@@ -123,7 +123,7 @@ def record_uploads(monkeypatch) -> list[tuple[str, list[str]]]:
 def test_readme_python_blocks_run(tmp_path, monkeypatch, stand_ins):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = python_blocks(readme)
-    assert len(blocks) == 5, "a block was added or removed: check what this test asserts"
+    assert len(blocks) == 6, "a block was added or removed: check what this test asserts"
     for hub_id in stand_ins:
         assert f'"{hub_id}"' in readme, f"{hub_id} is no longer in the README: update the stand-ins"
     cut_long_steps(monkeypatch)
@@ -144,6 +144,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, stand_ins):
     assert result.windows == 1 and math.isfinite(result.perplexity)
     assert namespace["trainer"].state.global_step == 2
     assert namespace["qlora"].state.global_step == 2
+    assert namespace["fsdp_args"].fsdp_plugin_args["fsdp_version"] == 2  # the FSDP2 arguments build
     import json
 
     assert "quantization_config" not in json.loads((tmp_path / "smollm2-w4-float" / "config.json").read_text())
