@@ -126,6 +126,7 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *, teacher_model, teacher_tokenizer=None,
                  **kwargs):
+        self._projections_join = False  # set by create_optimizer when the optimizer is ours to extend
         if kwargs.get("data_collator") is None and isinstance(kwargs.get("train_dataset"), PackedBlocks):
             # Packed blocks all have one length: stack them. Trainer's default for a tokenizer pads,
             # which fails for tokenizers without a pad token although there is nothing to pad.
@@ -198,7 +199,7 @@ class DistillationTrainer(Trainer):
         # swaps the student's parameters for their shards there, by identity, and would not know
         # the projections) and before the scheduler reads its groups or a checkpoint restores them.
         optimizer = optimizer if optimizer is not None else self.optimizer
-        if self.projections is not None and getattr(self, "_projections_join", False) and optimizer is not None:
+        if self.projections is not None and self._projections_join and optimizer is not None:
             params = list(self.projections.parameters())
             joined = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if not any(id(p) in joined for p in params):

@@ -131,7 +131,9 @@ def activation_scores(model: nn.Module, layout: PruningLayout | None, windows: t
         step.hooks += handles  # the walk's own pass through the block runs them
     progress.close()
     influence = distributed.sum_over_ranks(influence)
-    sums = {key: [distributed.sum_over_ranks(t) for t in values] for key, values in sums.items()}
+    # Key/value heads score zero here (no activation measure of their own): nothing to add up.
+    sums = {key: values if key == "kv_heads" else [distributed.sum_over_ranks(t) for t in values]
+            for key, values in sums.items()}
     for heads, kv_heads, ffn, tokens in zip(sums["heads"], sums["kv_heads"], sums["ffn"], sums["tokens"]):
         tokens = max(float(tokens), 1.0)
         scores.heads.append(heads / tokens)

@@ -227,8 +227,9 @@ def _prune_hidden(model: nn.Module, blocks, layout: PruningLayout, scores: Score
     if tied:
         head.weight = embed.weight
         head.in_features = len(keep)
-        if store_of(model) is not None:
-            store_of(model).alias(f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight")
+        store = store_of(model)
+        if store is not None:  # on disk: the head's name now reads the cut embedding
+            store.alias(f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight")
     set_config_sizes(model, hidden=len(keep), head_dim=layout.head_dim())
     logger.info("hidden channels: %d -> %d (importance: %s)", width, len(keep), scores.method)
 
