@@ -72,6 +72,7 @@ def main():
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-rtn", action="store_true", help="the 1.1B model's GPTQ run only")
+    parser.add_argument("--skip-gptq", action="store_true", help="the 1.1B model's RTN runs only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint, tokenizer = prepare_checkpoint(args.work)
@@ -92,12 +93,11 @@ def main():
         windows = args.work / "large-windows.safetensors"
         save_windows(tokenizer, austen, args.large_windows, args.large_seq_len, 0, windows)
         shards = sum(f.stat().st_size for f in large.glob("*.safetensors"))
-        results["llama_1.1b"] = {
-            "checkpoint_gb": round(shards / 1e9, 2),
-            "calibration": f"{args.large_windows} windows x {args.large_seq_len} tokens",
-            "gptq_w4g128_layerwise": compress(args.work, "large-gptq-layerwise", large, [GPTQ_W4G128], windows,
-                                              True),
-        }
+        results["llama_1.1b"] = {"checkpoint_gb": round(shards / 1e9, 2),
+                                 "calibration": f"{args.large_windows} windows x {args.large_seq_len} tokens"}
+        if not args.skip_gptq:
+            results["llama_1.1b"]["gptq_w4g128_layerwise"] = compress(
+                args.work, "large-gptq-layerwise", large, [GPTQ_W4G128], windows, True)
         if not args.skip_rtn:
             results["llama_1.1b"].update({
                 "rtn_w4g64_layerwise": compress(args.work, "large-rtn-layerwise", large, [RTN_W4G64], windows, True),

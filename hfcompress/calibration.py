@@ -249,7 +249,7 @@ def _same(a, b) -> bool:
 
 @torch.no_grad()
 def probe_block_calls(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device):
-    """Run ``windows`` through the whole model. Returns, per window, each block's extra inputs
+    """Run ``windows`` through the model's blocks. Returns, per window, each block's extra inputs
     ``{block: (args, kwargs)}`` (hidden states left out) and whether every block's input was the
     previous block's output."""
     calls: list[dict[int, tuple]] = [{} for _ in windows]
@@ -265,6 +265,11 @@ def probe_block_calls(model: nn.Module, blocks: nn.ModuleList, windows: torch.Te
 
         def post(module, args, kwargs, output, b=b):
             previous[0] = _block_output(output)
+            if b == len(blocks) - 1:
+                # Nothing after the last block is recorded: the final norm and the output
+                # projection (a vocabulary-wide matrix, read from disk for a model that lives
+                # there, and logits of vocabulary x tokens) need not run.
+                raise _StopForward
 
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post, with_kwargs=True))

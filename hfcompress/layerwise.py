@@ -32,12 +32,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import CompressionConfig, compression_record
 from .errors import StageError, UserError
 from .formats.shards import Ref, file_refs, write_folder
+from .formats.stream_writer import StreamWriter
 from .models import block_names
 from .precision import all_finite
 from .residency import STORE_ATTRIBUTE, store_of
@@ -206,7 +206,10 @@ class DiskWeights:
             tensors[name] = tensor.detach().to("cpu").contiguous()
         path = self.spill / f"{self._spilled:06d}.safetensors"
         self._spilled += 1
-        save_file(tensors, path)
+        # Streamed (save_file would first copy every tensor into a bytes object).
+        with StreamWriter(path, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
         refs = file_refs([path])
         self.where.update(refs)
         self.where.update({name: refs[target] for name, target in aliases.items()})

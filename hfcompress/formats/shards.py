@@ -19,7 +19,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Ref:
     stored: torch.dtype
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None
+    offset: int | None = None  # of the tensor's first byte in the file, when known
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -53,11 +55,54 @@ class Ref:
         return math.prod(self.shape)
 
     def load(self) -> torch.Tensor:
-        # The file is opened for this tensor alone: a mapping kept open would keep every page
-        # read so far in the process's memory.
-        with safe_open(self.file, framework="pt") as handle:
-            tensor = handle.get_tensor(self.key)
+        if self.offset is None:
+            # The file is opened for this tensor alone: a mapping kept open would keep every page
+            # read so far in the process's memory.
+            with safe_open(self.file, framework="pt") as handle:
+                tensor = handle.get_tensor(self.key)
+        else:
+            tensor = torch.empty(self.shape, dtype=self.stored)
+            with open(self.file, "rb", buffering=0) as handle:
+                _read_into(handle, self.offset, tensor.view(-1))
         return tensor.to(self.dtype) if self.dtype is not None and tensor.dtype != self.dtype else tensor
+
+    def pieces(self, nbytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """The tensor's values in order, flat, ``nbytes`` of the stored dtype at a time (in
+        :attr:`out_dtype`): a copy of a large tensor that never holds it whole."""
+        if self.offset is None:
+            yield self.load().view(-1)
+            return
+        step = max(1, nbytes // self.stored.itemsize)
+        with open(self.file, "rb", buffering=0) as handle:
+            for start in range(0, self.numel(), step):
+                piece = torch.empty(min(step, self.numel() - start), dtype=self.stored)
+                _read_into(handle, self.offset + start * self.stored.itemsize, piece)
+                yield piece.to(self.out_dtype)
+
+
+def _read_into(handle, offset: int, flat: torch.Tensor) -> None:
+    """Fill the 1-D ``flat`` with the bytes at ``offset`` of the open file ``handle``. Plain reads
+    rather than a memory map: mapped pages count in the process's memory for as long as the
+    mapping lives, which doubled a large tensor's cost while it was copied out."""
+    if not flat.numel():
+        return
+    buffer = memoryview(flat.view(torch.uint8).numpy())
+    handle.seek(offset)
+    done = 0
+    while done < len(buffer):
+        read = handle.readinto(buffer[done:])
+        if not read:
+            raise OSError(f"{handle.name}: the file ends inside a tensor (truncated?); download or write it again")
+        done += read
+
+
+def _data_offsets(file: str | os.PathLike) -> dict[str, int]:
+    """``{tensor: offset of its first byte}`` from a safetensors file's header (8 bytes of length,
+    then JSON whose ``data_offsets`` count from the header's end)."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {key: 8 + length + entry["data_offsets"][0] for key, entry in header.items() if key != "__metadata__"}
 
 
 def file_metadata(file: str | os.PathLike) -> dict[str, str]:
@@ -76,12 +121,14 @@ def file_refs(files, dtype_of: Callable[[str, torch.dtype], torch.dtype | None] 
     ask for another dtype on load."""
     refs = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
+        with safe_open(file, framework="pt") as handle:  # checks the header (a clear error if corrupt)
+            offsets = _data_offsets(file)
             for key in handle.keys():
                 part = handle.get_slice(key)
                 stored = _STORED_DTYPES[part.get_dtype()]
                 want = dtype_of(key, stored) if dtype_of is not None else None
-                refs[key] = Ref(Path(file), key, stored, tuple(part.get_shape()), want if want != stored else None)
+                refs[key] = Ref(Path(file), key, stored, tuple(part.get_shape()), want if want != stored else None,
+                                offsets[key])
     return refs
 
 
@@ -171,8 +218,10 @@ def write_folder(directory: str | os.PathLike, tensors: dict, max_shard_size: in
                 for other in names:
                     writers[shard_of[other]].write(other, computed[tensors[other].key])
                 del computed
+            elif isinstance(value, Ref):
+                writers[shard_of[name]].write_pieces(name, value.pieces())
             else:
-                writers[shard_of[name]].write(name, value.load() if isinstance(value, Ref) else value)
+                writers[shard_of[name]].write(name, value)
     finally:
         for writer in writers.values():
             writer.close()

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -80,18 +81,35 @@ class StreamWriter:
         self._file.truncate(self._base + max((end for _, end in self.offsets.values()), default=0))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self.entries:
-            raise KeyError(f"{name} was not declared for {self.path.name}")
-        dtype, shape = self.entries[name]
+        dtype, shape = self._declared(name)
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: declared {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
-        start, _ = self.offsets[name]
+        self.write_pieces(name, [tensor])
+
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Tensor ``name`` given as consecutive pieces of its flattened values (a tensor read a
+        part at a time, never whole in memory)."""
+        dtype, shape = self._declared(name)
+        start, end = self.offsets[name]
         self._file.seek(self._base + start)
-        data = tensor.detach().to("cpu").contiguous()
-        if data.numel():
-            # Bytes as stored in memory (little-endian on every platform torch runs on).
-            self._file.write(data.view(-1).view(torch.uint8).numpy().tobytes())
+        written = 0
+        for piece in pieces:
+            if piece.dtype != dtype:
+                raise ValueError(f"{name}: declared {dtype}, got a piece of {piece.dtype}")
+            data = piece.detach().to("cpu").contiguous()
+            if data.numel():
+                # Bytes as stored in memory (little-endian on every platform torch runs on),
+                # handed over without a copy.
+                self._file.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+                written += data.numel() * data.element_size()
+        if written != end - start:
+            raise ValueError(f"{name}: declared {dtype} {list(shape)} ({end - start} bytes), got {written} bytes")
         self._missing.discard(name)
+
+    def _declared(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if name not in self.entries:
+            raise KeyError(f"{name} was not declared for {self.path.name}")
+        return self.entries[name]
 
     def close(self) -> None:
         if self._file.closed:

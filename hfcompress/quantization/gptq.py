@@ -215,8 +215,10 @@ def gptq_quantize(
     mse: bool = False,
     shrink: float = 0.0,
     scale_dtype: torch.dtype = torch.float16,
+    measure: bool = True,
 ) -> GPTQResult:
-    """Quantize ``W`` ``[N, K]`` given the Hessian ``H`` ``[K, K]`` of its inputs."""
+    """Quantize ``W`` ``[N, K]`` given the Hessian ``H`` ``[K, K]`` of its inputs; ``measure=False``
+    leaves the result's ``error`` NaN (for callers that measure parts of ``W`` themselves)."""
     N, K = W.shape
     maxq = 2**bits - 1
     G = K if group_size == -1 else group_size
@@ -252,7 +254,8 @@ def gptq_quantize(
 
     def working_hessian() -> torch.Tensor:
         # In processing order, shrunk, dead inputs set to 1; one temporary beside the result.
-        H = H_sample[perm][:, perm] if act_order else H_sample.clone()
+        # One gather for both permutations (H[perm][:, perm] would make a second K x K temporary).
+        H = H_sample[perm[:, None], perm] if act_order else H_sample.clone()
         if shrink:  # (1 - shrink) H + shrink diag(H), in place
             sample_diagonal = torch.diag(H)
             H.mul_(1 - shrink)
@@ -265,7 +268,9 @@ def gptq_quantize(
     # The loop works on W^T (and Q^T, Err1^T) so that each column of W is a contiguous row.
     Wt = W.t()[perm].contiguous()  # [K, N], in processing (permuted) order: the one working copy
     del W
-    Qt = torch.zeros(K, N, dtype=torch.int32, device=Wt.device)  # codes (whole numbers: stored exactly)
+    # Codes of at most 8 bits: a byte each (int32 would be as large as the float weights, and a
+    # block's codes wait for packing while the next group of the block is solved).
+    Qt = torch.zeros(K, N, dtype=torch.uint8, device=Wt.device)
     groups = [p // G for p in perm.tolist()] if static_groups else [c // G for c in range(K)]
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -295,4 +300,4 @@ def gptq_quantize(
     Q, g_idx = Qt.t()[:, invperm], g_idx[invperm]
     del Qt
     weight = QuantizedWeight(Q, scales.to(scale_dtype), zeros.to(torch.int32), g_idx, bits, group_size, sym)
-    return GPTQResult(weight, damp, relative_error(W_orig, weight, H_sample))
+    return GPTQResult(weight, damp, relative_error(W_orig, weight, H_sample) if measure else math.nan)

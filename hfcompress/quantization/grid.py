@@ -100,9 +100,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 class QuantizedWeight:
     """A weight on the grid, unpacked: what every quantization method produces.
 
-    ``q``: int32 ``[N, K]`` codes; ``scales``: ``[n_groups, N]`` (in their storage dtype);
-    ``zeros``: int32 ``[n_groups, N]``; ``g_idx``: int32 ``[K]`` group of each input column
-    (differs from natural order only with act-order).
+    ``q``: integer ``[N, K]`` codes (int32, or uint8 as GPTQ gives them: a quarter of the memory);
+    ``scales``: ``[n_groups, N]`` (in their storage dtype); ``zeros``: int32 ``[n_groups, N]``;
+    ``g_idx``: int32 ``[K]`` group of each input column (differs from natural order only with
+    act-order).
     """
 
     q: torch.Tensor
