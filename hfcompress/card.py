@@ -36,6 +36,9 @@ from .output import final_name
 from .recipe import Recipe
 from .report import format_bytes, summarize_folder
 
+# A plot of size against quality that ``hfcompress report --card`` puts in a folder; the card shows it.
+FRONTIER_PNG = "frontier.png"
+
 # Hub datasets behind the names hfcompress records: (dataset id, configuration, split).
 HUB_DATASETS = {WIKITEXT2_NAME: ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")}
 
@@ -249,6 +252,13 @@ def _size_section(directory: Path, fmt: str | None, record: dict, linear_shapes:
             "| module type | weights | size | bits per weight |\n|---|---:|---:|---:|\n" + rows)
 
 
+def _frontier_section(directory: Path) -> str:
+    if not (directory / FRONTIER_PNG).is_file():
+        return ""
+    return (f"\n\n![Saved size against perplexity of this model's recipe and others]({FRONTIER_PNG})\n\n"
+            "Size against quality of the recipes compared by `hfcompress report`.\n")
+
+
 def _loading_section(guide: LoadingGuide, repo: str, task: str | None) -> str:
     auto = AUTO_CLASSES.get(task, "AutoModel")
     snippet = f"{guide.preamble}from transformers import {auto}\n\nmodel = {auto}.from_pretrained(\"{repo}\")\n"
@@ -312,7 +322,7 @@ def build_folder_card(directory: str | os.PathLike, record: dict | None = None, 
 
 ## Evaluation
 
-{_metrics_section(rows)}
+{_metrics_section(rows)}{_frontier_section(directory)}
 
 ## Recipe
 

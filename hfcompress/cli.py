@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", required=True, help="output folder")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
+    from .planning.commands import add_plan_parser, add_report_parser
+
+    add_plan_parser(sub)
+    add_report_parser(sub)
+
     ins = sub.add_parser("inspect", help="what was done to a saved model, its sizes and bits per weight")
     ins.add_argument("folder", help="a saved model folder")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -422,7 +427,20 @@ def run_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": run_compress, "eval": run_eval, "export": run_export, "inspect": run_inspect}
+def run_plan(args) -> int:
+    from .planning.commands import run_plan as plan
+
+    return plan(args)
+
+
+def run_report(args) -> int:
+    from .planning.commands import run_report as report
+
+    return report(args)
+
+
+COMMANDS = {"compress": run_compress, "eval": run_eval, "export": run_export, "inspect": run_inspect,
+            "plan": run_plan, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> int:

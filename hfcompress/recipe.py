@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import UserError
-from .linear_format import SUPPORTED_BITS
+from .linear_format import SUPPORTED_BITS, LinearFormat
+from .patterns import matches
 
 BIT_WIDTHS = SUPPORTED_BITS  # what the packing and the kernels handle
 QUANTIZE_METHODS = ("rtn", "gptq", "awq")
@@ -147,6 +148,12 @@ class _Section:
             if section is not None and (value is not None or hint is section):  # a nested section, e.g. distill.loss
                 values[key] = value if isinstance(value, section) else section.from_dict(value, _where(path, key))
                 continue
+            items = _list_of_sections(hint)
+            if items is not None:  # a list of sections, e.g. quantize.overrides
+                _check_type(value, list, f"recipe {_where(path, key)}")
+                values[key] = [v if isinstance(v, items) else items.from_dict(v, f"{_where(path, key)}[{i}]")
+                               for i, v in enumerate(value)]
+                continue
             _check_type(value, hint, f"recipe {_where(path, key)}")
             values[key] = [list(v) if isinstance(v, list) else v for v in value] if isinstance(value, list) else value
         try:
@@ -183,6 +190,13 @@ def _section_of(hint: Any) -> type | None:
     for option in options:
         if isinstance(option, type) and issubclass(option, _Section):
             return option
+    return None
+
+
+def _list_of_sections(hint: Any) -> type | None:
+    """The section class of ``list[Section]`` annotations."""
+    if typing.get_origin(hint) is list:
+        return _section_of(typing.get_args(hint)[0])
     return None
 
 
@@ -246,6 +260,25 @@ class EmbeddingOptions(_Section):
 
 
 @dataclass
+class FormatOverride(_Section):
+    """One entry of ``quantize.overrides``: the modules it names (glob patterns, as ``ignore``
+    takes them) get this bit width and group size instead of the stage's. Later entries win
+    over earlier ones; ``hfcompress plan`` writes one entry per format it chose."""
+
+    modules: list[str] = field(default_factory=list)
+    bits: int | None = None
+    group_size: int | None = None
+
+    def validate(self):
+        if not self.modules:
+            raise RecipeError("modules: name at least one module (a glob pattern such as model.layers.3.mlp.*)")
+        if self.bits is not None and self.bits not in BIT_WIDTHS:
+            raise RecipeError(f"bits: {self.bits} is not a valid bit width; valid: {', '.join(map(str, BIT_WIDTHS))}")
+        if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
+            raise RecipeError(f"group_size: {self.group_size} is not valid; use -1 (one group per row) or a positive size")
+
+
+@dataclass
 class QuantizeStage(_Section):
     """``quantize``: weight-only integer quantization of the linear layers.
 
@@ -255,7 +288,11 @@ class QuantizeStage(_Section):
     to quantize too; MoE routers stay in float unless ``routers: true``. ``strict: true`` fails
     when more than 10% of the decoder's linear and expert weights would stay in float (else a
     warning names them). The keys from ``act_order`` on apply to ``method: gptq`` only (see
-    ``hfcompress.quantization.gptq``).
+    ``hfcompress.quantization.gptq``). ``overrides`` give some modules another bit width or group
+    size (a mixed-precision plan, see :mod:`hfcompress.planning`)::
+
+        quantize: {method: gptq, bits: 3, group_size: 64,
+                   overrides: [{modules: [model.layers.0.mlp.down_proj], bits: 4}]}
     """
 
     name: ClassVar[str] = "quantize"
@@ -285,6 +322,25 @@ class QuantizeStage(_Section):
     asymmetric: float = 0.0  # GPTAQ: 0 calibrates each layer on its own inputs, 1 against the float model's outputs
     refit: bool = False  # least-squares group scales for the codes GPTQ chose
     awq: bool = False  # gptq only: fold AWQ's activation-aware scales in first (method awq: AWQ + rounding)
+    overrides: list[FormatOverride] = field(default_factory=list)
+
+    def format_of(self, name: str | None) -> tuple[int, int]:
+        """``(bits, group_size)`` for module ``name``: the last override naming it, else (and for
+        ``None``) the stage's."""
+        bits, group_size = self.bits, self.group_size
+        for override in self.overrides if name is not None else ():
+            if matches(name, override.modules):
+                bits = override.bits if override.bits is not None else bits
+                group_size = override.group_size if override.group_size is not None else group_size
+        return bits, group_size
+
+    def linear_format(self, name: str | None, rounded: bool = False) -> LinearFormat:
+        """How module ``name`` is stored: its bits and group size, the stage's symmetry, and
+        act-order where GPTQ permutes columns at inference (not with static groups, nor for a
+        module ``rounded`` to nearest, whose columns keep their order)."""
+        bits, group_size = self.format_of(name)
+        act_order = self.method == "gptq" and self.act_order and not self.static_groups and not rounded
+        return LinearFormat(bits=bits, group_size=group_size, sym=self.sym, act_order=act_order)
 
     @property
     def needs_calibration(self) -> bool:

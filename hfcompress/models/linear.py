@@ -16,7 +16,6 @@ hfcompress reads, slices and rebuilds linear layers through the functions here.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import re
 from collections.abc import Iterable
@@ -24,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ..patterns import matches  # noqa: F401  (part of this module's interface)
 
 logger = logging.getLogger(__name__)
 
@@ -161,15 +162,6 @@ def resize_linear(module: nn.Module, in_features: int, out_features: int) -> nn.
         else:
             new = nn.Linear(in_features, out_features, bias=bias)
     return new.to(weight.dtype)
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """Whether a module name matches a glob pattern, as a full name or as a dotted suffix.
-
-    ``"lm_head"`` matches ``lm_head``; ``"mlp.down_proj"`` matches every layer's
-    ``model.layers.N.mlp.down_proj``; ``"model.layers.0.*"`` matches what is under layer 0.
-    """
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def model_configs(model: nn.Module) -> list:

@@ -117,10 +117,16 @@ class SharedHessians:
         return H
 
 
-def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Make ``module`` compute with ``weight`` ``[out, in]`` (what its QuantLinear will compute)."""
+def _set_weight(module: nn.Module, weight: torch.Tensor | QuantizedWeight, rows: int = 1024) -> None:
+    """Make ``module`` compute with ``weight`` ``[out, in]`` (what its QuantLinear will compute);
+    a :class:`QuantizedWeight` is dequantized ``rows`` rows at a time, straight into the module."""
     target = linear_weight(module)
-    target.data.copy_(weight.to(target.dtype))
+    if isinstance(weight, torch.Tensor):
+        target.data.copy_(weight.to(target.dtype))
+        return
+    for start in range(0, target.shape[0], rows):
+        stop = min(start + rows, target.shape[0])
+        target.data[start:stop].copy_(weight.rows(start, stop).dequantize().to(target.dtype))
 
 
 class GPTQBlockQuantizer:
@@ -128,7 +134,7 @@ class GPTQBlockQuantizer:
 
     def __init__(self, stage: QuantizeStage, device: torch.device, compute_dtype: torch.dtype | None = None,
                  shared: SharedHessians | None = None, experts: set[str] | frozenset = frozenset(),
-                 reference: BlockInputs | None = None):
+                 reference: BlockInputs | None = None, formats: dict[str, LinearFormat] | None = None):
         self.stage = stage
         # The float model's stream at this block (asymmetric calibration); the block's pass over
         # it writes the float model's outputs back for the next block.
@@ -137,15 +143,19 @@ class GPTQBlockQuantizer:
         self.device = device
         self.compute_dtype = compute_dtype
         self.experts = experts  # names (relative to their block) of expert linears
-        self.format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
-                                   act_order=stage.act_order and not stage.static_groups)
+        # Each module's format (names relative to the block); the stage's for any not listed.
+        self.formats = formats or {}
+        self.default_format = stage.linear_format(None)
         self.rounded: dict[str, str] = {}  # module -> why it was rounded (RTN) instead of solved
+
+    def format_of(self, name: str) -> LinearFormat:
+        return self.formats.get(name, self.default_format)
 
     def round(self, name: str, module: nn.Module, why: str) -> GPTQResult:
         """RTN for a module GPTQ cannot calibrate; its weight is set to what it will compute."""
+        fmt = self.format_of(name)
         W = linear_weight(module).detach().float()
-        quantized: QuantizedWeight = quantize_rtn(W, self.stage.bits, self.stage.group_size, self.stage.sym,
-                                                  self.format.torch_scale_dtype)
+        quantized: QuantizedWeight = quantize_rtn(W, fmt.bits, fmt.group_size, fmt.sym, fmt.torch_scale_dtype)
         dequantized = quantized.dequantize()
         error = float((W - dequantized).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
         _set_weight(module, dequantized)
@@ -154,7 +164,7 @@ class GPTQBlockQuantizer:
 
     def _quantize(self, modules: dict[str, nn.Module], H: torch.Tensor,
                   cross: torch.Tensor | None = None) -> dict[str, GPTQResult]:
-        """GPTQ for modules that share the Hessian ``H``, solved as one matrix.
+        """GPTQ for modules that share the Hessian ``H`` and their format, solved as one matrix.
 
         Rows of ``W`` are quantized independently given ``H`` (their own scales, their own error
         feedback), so stacking the modules' rows gives each module exactly its own result while
@@ -162,26 +172,27 @@ class GPTQBlockQuantizer:
         calibration) GPTQ reproduces ``asymmetric_target`` rather than ``W`` itself.
         """
         s = self.stage
+        fmt = self.format_of(next(iter(modules)))
         weights = [linear_weight(m).detach().float() for m in modules.values()]
         H = H.to(weights[0].device)
-        W = torch.cat(weights)
+        W = torch.cat(weights) if len(weights) > 1 else weights[0]  # one module: its weight itself (not written here)
         if cross is not None:
             W = W + s.asymmetric * (asymmetric_target(W, H, cross.to(W.device), s.damp) - W)
-        stacked = gptq_quantize(W, H, s.bits, s.group_size, s.sym, damp=s.damp,
+        stacked = gptq_quantize(W, H, fmt.bits, fmt.group_size, fmt.sym, damp=s.damp,
                                 block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups,
-                                mse=s.mse, shrink=s.shrink, scale_dtype=self.format.torch_scale_dtype)
+                                mse=s.mse, shrink=s.shrink, scale_dtype=fmt.torch_scale_dtype,
+                                measure=False)  # each module's error is measured below
         quantized = stacked.weight
         if s.refit:
-            quantized = refit_scales(W, H, quantized, self.format.torch_scale_dtype)
+            quantized = refit_scales(W, H, quantized, fmt.torch_scale_dtype)
         weights = list(W.split([w.shape[0] for w in weights]))
         results, start = {}, 0
         for (name, module), W in zip(modules.items(), weights):
             part = quantized.rows(start, start + W.shape[0])
             start += W.shape[0]
-            dequantized = part.dequantize()
             # W may share storage with the module's weight (a float32 model): measure before writing.
-            results[name] = GPTQResult(part, stacked.damp, relative_error(W, dequantized, H))
-            _set_weight(module, dequantized)
+            results[name] = GPTQResult(part, stacked.damp, relative_error(W, part, H))
+            _set_weight(module, part)
         return results
 
     def _quantize_group(self, group: dict[str, nn.Module], H: torch.Tensor, count: int, block: int,
@@ -194,17 +205,18 @@ class GPTQBlockQuantizer:
             if name in self.experts and count < self.stage.experts.min_tokens:
                 results[name] = self.round(name, module, f"{count} calibration tokens")
                 continue
+            fmt = self.format_of(name)  # modules solved as one matrix share a format too
             if not self.shared.is_shared(module):
-                buckets.setdefault("own", ({}, H))[0][name] = module
+                buckets.setdefault(("own", fmt), ({}, H))[0][name] = module
                 continue
             total = self.shared.add(module, H, count, block)
             if total is None:
                 deferred.add(name)
             else:
                 blocks = tuple(b for b, _ in self.shared.users[id(module)])  # same users: same summed Hessian
-                buckets.setdefault(blocks, ({}, total))[0][name] = module
-        for key, (modules, hessian) in buckets.items():
-            results.update(self._quantize(modules, hessian, cross if key == "own" else None))
+                buckets.setdefault((blocks, fmt), ({}, total))[0][name] = module
+        for (users, _), (modules, hessian) in buckets.items():
+            results.update(self._quantize(modules, hessian, cross if users == "own" else None))
         return results
 
     def _paired_pass(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
@@ -254,7 +266,7 @@ class GPTQBlockQuantizer:
             part = distributed.share_from(distributed.owner(i), solved[i])
             if distributed.owner(i) != distributed.rank():
                 for name, result in part.items():  # this process computes on with the owner's result
-                    _set_weight(targets[name], result.weight.dequantize())
+                    _set_weight(targets[name], result.weight)
             results.update(part)
         return results
 
@@ -388,8 +400,9 @@ def quantize_gptq(
             reference = BlockInputs(reference_hidden, step.inputs.kwargs, step.inputs.args)
             if not targets_here:  # nothing to calibrate here, but the float stream moves on
                 run_block(block, reference, run_device, update=True, dtype=compute_dtype)
+        formats = {short: stage.linear_format(owners[id(module)]) for short, module in targets_here.items()}
         quantizer = GPTQBlockQuantizer(stage, run_device, compute_dtype, shared,
-                                       frozenset(expert_names.get(b, ())), reference)
+                                       frozenset(expert_names.get(b, ())), reference, formats)
         experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
         for module in experts:
             module.calibrate_all = stage.experts.calibrate_all
@@ -404,7 +417,7 @@ def quantize_gptq(
                 module.calibrate_all = False
         # Packed now (an eighth of the unpacked codes' memory); swapped in once the windows have run
         # through the block's float linears, which hold the dequantized weights.
-        pending[b] = ({short: QuantLinear.from_quantized(r.weight, targets_here[short].bias, quantizer.format)
+        pending[b] = ({short: QuantLinear.from_quantized(r.weight, targets_here[short].bias, formats[short])
                        for short, r in results.items()}, targets_here)
         for r in results.values():
             r.weight = None  # the unpacked codes: the packed layers hold them now

@@ -41,14 +41,15 @@ from .rtn import quantize_rtn
 logger = logging.getLogger(__name__)
 
 
-def _quantize_rtn(model: nn.Module, stage: QuantizeStage, layers: dict[str, nn.Module], config: CompressionConfig,
-                  fmt: LinearFormat) -> None:
+def _quantize_rtn(model: nn.Module, stage: QuantizeStage, layers: dict[str, nn.Module],
+                  config: CompressionConfig) -> None:
     progress = tqdm(total=len(layers), desc=f"RTN {stage.bits}-bit", unit="layer")
     for unit, names in by_unit(model, layers):  # a model on disk: one block in memory at a time
         with resident(model, unit):
             for name in names:
                 module = layers[name]
-                quantized = quantize_rtn(linear_weight(module).detach(), stage.bits, stage.group_size, stage.sym,
+                fmt = stage.linear_format(name, rounded=True)
+                quantized = quantize_rtn(linear_weight(module).detach(), fmt.bits, fmt.group_size, fmt.sym,
                                          fmt.torch_scale_dtype)
                 model.set_submodule(name, QuantLinear.from_quantized(quantized, module.bias, fmt))
                 config.modules[name] = fmt
@@ -94,14 +95,15 @@ def select_raw_weights(model: nn.Module, stage: QuantizeStage) -> list[str]:
     return names
 
 
-def _pack_raw_weights(model: nn.Module, names: list[str], config: CompressionConfig, fmt: LinearFormat,
+def _pack_raw_weights(model: nn.Module, names: list[str], config: CompressionConfig, stage: QuantizeStage,
                       method: str) -> None:
-    """Round the raw weights to ``fmt`` and pack them in place (GPTQ cannot see their inputs)."""
+    """Round the raw weights to their formats and pack them in place (GPTQ cannot see their inputs)."""
     level = logging.WARNING if method != "rtn" else logging.INFO
     logger.log(level, "%d weight tensors that are not linear layers (the model multiplies them itself) are rounded to "
                "nearest (RTN): %s", len(names), ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
     for name in names:
         owner, _, pname = name.rpartition(".")
+        fmt = stage.linear_format(name, rounded=True)
         pack_parameter(model.get_submodule(owner), pname, fmt)
         config.modules[name + PACKED_SUFFIX] = fmt
 
@@ -211,15 +213,14 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
     check_float_share(model, stage, layers, raw)
     logger.info("quantizing %d linear layers: %s, %d bits, group size %d, %s",
                 len(layers), stage.method, stage.bits, stage.group_size, "symmetric" if stage.sym else "asymmetric")
-    rtn_format = LinearFormat(bits=stage.bits, group_size=stage.group_size, sym=stage.sym)
     if raw:
-        _pack_raw_weights(model, raw, config, rtn_format, stage.method)
+        _pack_raw_weights(model, raw, config, stage, stage.method)
     if not layers:
         tie_shared_modules(model, config.shared)
         report_float_share(model)
         return
     if stage.method in ("rtn", "awq"):  # AWQ's scales are folded in by now: it rounds like RTN
-        _quantize_rtn(model, stage, layers, config, rtn_format)
+        _quantize_rtn(model, stage, layers, config)
     else:
         from .gptq_runner import quantize_gptq
 
@@ -230,7 +231,7 @@ def apply_quantize_stage(model: nn.Module, stage: QuantizeStage, config: Compres
                                 dtype)
         if outside:
             logger.info("%s: outside the transformer blocks, quantized by rounding (RTN)", ", ".join(outside))
-            _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config, rtn_format)
+            _quantize_rtn(model, stage, {name: layers[name] for name in outside}, config)
     tie_shared_modules(model, config.shared)
     report_float_share(model)
 
