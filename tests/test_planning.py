@@ -301,6 +301,22 @@ def _check_page(page):
     return parser.images
 
 
+def _browser_screenshot(page, tmp_path):
+    """The page as headless Chromium renders it (None where no Chromium is installed)."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        return None
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400", f"--screenshot={shot}",
+                    page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    return shot
+
+
 def test_frontier_keeps_the_points_nothing_beats():
     from hfcompress.planning.report import Point, frontier
 
@@ -329,6 +345,14 @@ def test_report_page_from_results_with_bit_maps_and_sensitivity(measured, tmp_pa
     images = _check_page(page)
     assert images == ["frontier.png", "bits-plan.png", "sensitivity.png"]
     assert not list(tmp_path.glob(".report*"))  # no staging folder left behind
+    shot = _browser_screenshot(page, tmp_path)
+    if shot is not None:  # a real browser drew the page with its plots in it: the points' blue is on screen
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(shot)[..., :3]
+        blue = torch.tensor([31, 119, 180]) / 255
+        near = (torch.from_numpy(pixels.copy()) - blue).abs().max(-1).values < 0.05
+        assert int(near.sum()) > 50
 
 
 def test_report_command_runs_recipes_and_puts_the_plot_in_a_model_card(tmp_path, tiny_llama_dir, capsys):

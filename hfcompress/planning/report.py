@@ -109,7 +109,8 @@ def plot_frontier(points: list[Point], path: Path) -> None:
             label="frontier")
     for p in points:
         ax.annotate(p.name, (p.nbytes / 1e6, p.perplexity), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("saved size of the weights (MB)")
+    ax.set_xscale("log")  # the unquantized model is several times larger than the rest
+    ax.set_xlabel("saved size of the weights (MB, log scale)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Size against quality")
     ax.grid(alpha=0.3)
@@ -180,8 +181,8 @@ def write_report(directory: str | Path, points: list[Point], sensitivity=None, t
     staging.mkdir(parents=True)
     try:
         plot_frontier(points, staging / FRONTIER_PNG)
-        images = [(FRONTIER_PNG, "Saved size against WikiText-2 perplexity; the line joins the recipes no other "
-                                 "beats on both.")]
+        images = [(FRONTIER_PNG, "Saved size against perplexity; the line joins the recipes no other beats on "
+                                 "both.")]
         for point in points:
             if point.formats:
                 png = f"bits-{re.sub(r'[^A-Za-z0-9_.-]', '_', point.name)}.png"
