@@ -5,12 +5,16 @@
 2. Recipes, all with the bundled w3g64-gptq settings (GPTQ, act-order with static groups, MSE
    clipping search), differing only in each layer's bits and group size:
    ``u3g64`` uniform 3-bit g64; ``plan-u3g64`` the plan at exactly u3g64's bytes; ``plan-3.5bpw``;
-   ``u4g64``, ``u4g128`` uniform 4-bit; ``plan-ppl10`` the smallest plan predicted within 10% of
-   the unquantized perplexity; ``u8g64`` uniform 8-bit.
+   ``u4g64``, ``u4g128`` uniform 4-bit; ``plan-ppl10`` what ``hfcompress plan --max-ppl-increase
+   10%`` chooses (the smallest plan found whose layers, quantized together, measure within 10% of
+   the unquantized perplexity on 8 held-out Austen windows); ``u8g64`` uniform 8-bit.
 3. Each is compressed by ``hfcompress compress`` (wall time, peak RSS), its safetensors bytes
    counted, and evaluated on WikiText-2 raw test (the whole split unless ``--eval-windows``) by
    ``hfcompress eval``; the unquantized model too (``float``).
-4. ``--correlation N``: N single-layer quantizations (random layers and options), each layer's
+4. ``--text-check``: uniform 4-bit g64 with every layer quantized at once (``PlanCheck``), its
+   perplexity ratio on unseen Austen windows, on ``--check-data`` text and on the first WikiText-2
+   windows, beside the summed prediction.
+5. ``--correlation N``: N single-layer quantizations (random layers and options), each layer's
    measured loss increase on the first WikiText-2 windows against the two costs the sensitivity
    holds (K-FAC Fisher, the layer's own output error) and the KL divergence of the logits on the
    calibration windows; Pearson and Spearman correlations.
@@ -51,7 +55,7 @@ def evaluate(folder: Path | str, wiki: Path, windows: int | None, log: Path) -> 
 
 
 def plans(sensitivity):
-    from hfcompress.planning import plan_for_bytes, plan_for_cost, uniform_plan
+    from hfcompress.planning import plan_for_bytes, uniform_plan
 
     u3 = uniform_plan(sensitivity, 3, 64)
     return {
@@ -60,7 +64,6 @@ def plans(sensitivity):
         "plan-3.5bpw": plan_for_bytes(sensitivity, 3.5 * int(sensitivity.weights.sum()) / 8),
         "u4g64": uniform_plan(sensitivity, 4, 64),
         "u4g128": uniform_plan(sensitivity, 4, 128),
-        "plan-ppl10": plan_for_cost(sensitivity, math.log(1.10)),
         "u8g64": uniform_plan(sensitivity, 8, 64),
     }
 
@@ -140,11 +143,37 @@ def correlation(model, tokenizer, sensitivity, targets, windows, wiki: Path, n: 
     emit(jsonl, summary)
 
 
+def text_check(model, tokenizer, targets, stage, sensitivity, windows, wiki: Path, other: Path | None, jsonl) -> None:
+    """Uniform 4-bit g64, every layer quantized at once (``PlanCheck``), measured on unseen Austen
+    windows, on ``other`` text and on the first 4 WikiText-2 windows: how much the text matters."""
+    from hfcompress.calibration import calibration_windows
+    from hfcompress.data import tokenize
+    from hfcompress.planning import uniform_plan
+    from hfcompress.planning.check import PlanCheck
+
+    n = sensitivity.settings["windows"][0]
+    texts = {"austen_unseen": windows[n: n + 8], "wikitext2_first4": tokenize(tokenizer, wiki).flatten()[: 4 * 2048].view(4, 2048)}
+    if other:
+        texts[other.stem] = calibration_windows(tokenizer, other, 8, 2048, 0)
+    plan = uniform_plan(sensitivity, 4, 64)
+    check = PlanCheck(model, targets, stage, windows[:n], texts["austen_unseen"])
+    record = {"text_check": "u4g64", "predicted_ppl_ratio": round(plan.perplexity_ratio, 4)}
+    for name, held_out in texts.items():
+        check.held_out = held_out
+        check.base_loss = check._loss()
+        record[name] = round(check.ratio(plan), 4)
+    emit(jsonl, record)
+
+
 def main():
     parser = base_parser(__doc__, "plan")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--jsonl", type=Path, help="append one JSON line per result here")
     parser.add_argument("--sensitivity-windows", type=int, default=16)
+    parser.add_argument("--check-data", type=Path,
+                        help="text plan-ppl10's plans are measured on (default: 8 Austen windows after the sensitivity's)")
+    parser.add_argument("--text-check", action="store_true",
+                        help="uniform 4-bit g64 checked on unseen Austen, --check-data (if given) and WikiText-2 text")
     parser.add_argument("--correlation", type=int, default=0, help="single-layer samples for the correlations")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -152,7 +181,7 @@ def main():
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from hfcompress.planning import Sensitivity, measure_sensitivity
+    from hfcompress.planning import Sensitivity, measure_sensitivity, plan_for_cost
     from hfcompress.planning.sensitivity import sensitivity_settings
     from hfcompress.quantization.stage import select_targets
     from hfcompress.recipe import Recipe
@@ -179,9 +208,35 @@ def main():
                           "layers": len(sensitivity.modules), "options": len(sensitivity.options)})
     if args.correlation:
         correlation(model, tokenizer, sensitivity, targets, windows, wiki, args.correlation, args.jsonl)
-    del model
+    if args.text_check:
+        text_check(model, tokenizer, targets, stage, sensitivity, windows, wiki, args.check_data, args.jsonl)
     chosen = plans(sensitivity)
-    runs = args.runs.split(",")
+    runs = [run for run in args.runs.split(",") if run]
+    checked = {}
+    if "plan-ppl10" in runs:  # what hfcompress plan --max-ppl-increase 10% does: plans measured on held-out windows
+        from hfcompress.planning.check import PlanCheck, plan_within
+
+        begin = time.perf_counter()
+        if args.check_data:
+            from hfcompress.calibration import calibration_windows
+
+            held_out = calibration_windows(tokenizer, args.check_data, 8, 2048, 0)
+        else:
+            held_out = windows[args.sensitivity_windows: args.sensitivity_windows + 8]
+        check = PlanCheck(model, targets, stage, sample, held_out)
+
+        def measured(plan):
+            ratio = check.ratio(plan)
+            emit(args.jsonl, {"plan_search_step": round(plan.nbytes / 1e6, 3), "bits_per_weight": round(plan.bits_per_weight, 4),
+                              "predicted_ppl_ratio": round(plan.perplexity_ratio, 4), "checked_ppl_ratio": round(ratio, 4)})
+            return ratio
+
+        chosen["plan-ppl10"], checked["plan-ppl10"] = plan_within(sensitivity, 1.10, measured)
+        emit(args.jsonl, {"plan_search_seconds": round(time.perf_counter() - begin, 1),
+                          "check_data": str(args.check_data or "austen held-out"),
+                          "additive_plan_mb": round(plan_for_cost(sensitivity, math.log(1.10)).nbytes / 1e6, 3)})
+        del check
+    del model
     base_stage = {"method": "gptq", "sym": True, "act_order": True, "static_groups": True, "mse": True}
     for name in runs:
         if name == "float":
@@ -197,7 +252,8 @@ def main():
                           "--output", str(output), "--overwrite", "--no-eval", "--calibration-data",
                           str(windows_file)], args.work / f"{name}.log")
         record = {"run": name, "recipe": str(recipe), "planned_bytes": plan.nbytes, "bits_per_weight": round(plan.bits_per_weight, 4),
-                  "predicted_ppl_ratio": round(plan.perplexity_ratio, 4), "weights_bytes": weights_bytes(output),
+                  "predicted_ppl_ratio": round(plan.perplexity_ratio, 4),
+                  **({"checked_ppl_ratio": round(checked[name], 4)} if name in checked else {}), "weights_bytes": weights_bytes(output),
                   "compress_seconds": timing["seconds"], "compress_peak_rss_gb": round(timing["peak_rss_bytes"] / 1e9, 3),
                   "mix": plan.describe().split("; ")[-1]}
         record.update(evaluate(output, wiki, args.eval_windows, args.work / f"{name}-eval.log"))

@@ -86,6 +86,29 @@ def test_impossible_targets_say_why():
         uniform_plan(s, 5, 64)
 
 
+@pytest.mark.parametrize("factor", [0.5, 1.7, 3.0])
+def test_plan_within_meets_the_measured_target_with_the_smallest_plan(factor):
+    """Measured losses off from the predicted ones by a constant factor: the search lands on the
+    plan the planner gives for the corrected target (or a smaller one that still meets it)."""
+    from hfcompress.planning.check import plan_within
+
+    s = synthetic(m=8, seed=3)
+    low, high = float(s.cost.min(1).values.sum()), float(s.cost.max(1).values.sum())
+    goal = low * factor + (high - low) / 20
+    calls = []
+
+    def measure(plan):
+        calls.append(plan.nbytes)
+        return math.exp(factor * plan.cost)
+
+    plan, ratio = plan_within(s, math.exp(goal), measure, steps=8)
+    assert ratio == pytest.approx(math.exp(factor * plan.cost)) and ratio <= math.exp(goal)
+    assert plan.nbytes <= plan_for_cost(s, goal / factor).nbytes
+    assert len(calls) <= 8 and len(calls) == len(set(calls))  # no plan measured twice
+    with pytest.raises(PlanError, match="most precise plan measures"):
+        plan_within(s, math.exp(low * factor * 0.5), measure)
+
+
 def test_plan_writes_one_override_per_minority_format():
     s = synthetic(m=4)
     plan = plan_for_bytes(s, float(uniform_plan(s, 3, 64).nbytes))
@@ -217,6 +240,20 @@ def test_sensitivity_predicts_the_loss_of_quantizing_one_layer(measured):
     assert loss_with(high) > loss_with(low)
 
 
+def test_plan_check_measures_the_plan_and_puts_the_weights_back(measured):
+    from hfcompress.planning.check import PlanCheck
+
+    model, targets, s = measured
+    stage = QuantizeStage(method="gptq", bits=4, group_size=64, act_order=True, static_groups=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check = PlanCheck(model, targets, stage, WINDOWS[:2], WINDOWS[2:])
+    two, eight = check.ratio(uniform_plan(s, 2, 32)), check.ratio(uniform_plan(s, 8, 32))
+    # A random model: 2 bits move its loss on random tokens either way, 8 bits hardly at all.
+    assert abs(math.log(two)) > 5 * abs(math.log(eight)) and eight == pytest.approx(1.0, abs=0.01)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert check.ratio(uniform_plan(s, 2, 32)) == two  # the kept quantized weights give the same model
+
+
 def test_sensitivity_file_round_trip_and_corruption(measured, tmp_path):
     _, _, s = measured
     path = tmp_path / "s.safetensors"
@@ -242,7 +279,7 @@ def test_plan_command_writes_a_recipe_compress_runs(tmp_path, tiny_llama_dir, ca
         "method": "gptq", "bits": 4, "group_size": 32, "sym": True}}]}))
     plan = tmp_path / "plan.yaml"
     argv = ["plan", str(tiny_llama_dir), "--recipe", str(base), "--calibration-data", str(windows),
-            "--output", str(plan), "--sensitivity-windows", "2"]
+            "--output", str(plan), "--sensitivity-windows", "2", "--check-windows", "2"]
     assert main(argv + ["--target-bits", "4.2"]) == 0
     out = capsys.readouterr().out
     assert "bits per weight" in out and "uniform 4-bit g64" in out
@@ -255,8 +292,17 @@ def test_plan_command_writes_a_recipe_compress_runs(tmp_path, tiny_llama_dir, ca
     assert recipe.stages[0].method == "gptq"
     assert main(["compress", str(tiny_llama_dir), "--recipe", str(plan), "--output", str(tmp_path / "out"),
                  "--calibration-data", str(windows), "--no-eval"]) == 0
+    assert main(argv + ["--max-ppl-increase", "50%"]) == 0
+    out = capsys.readouterr().out
+    ratio = float(out.split("check: measured perplexity x")[1].split()[0])
+    assert ratio <= 1.5
+    assert "measured perplexity" in plan.read_text()
+    assert main(argv + ["--max-ppl-increase", "50%", "--check-data", str(windows)]) == 0  # checked on other text
+    assert f"windows of {windows}" in capsys.readouterr().out
     assert main(argv + ["--max-ppl-increase", "ten"]) == 2
     assert "expected a percentage" in capsys.readouterr().err
+    assert main(argv + ["--target-bits", "4", "--check-windows", "3"]) == 2
+    assert "the check 3 more" in capsys.readouterr().err
 
 
 # -- the report ----------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ under a budget, write the recipe that ``hfcompress compress`` runs."""
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -73,6 +72,17 @@ def add_plan_parser(sub) -> None:
                                                  "bundled text)")
     plan.add_argument("--sensitivity-windows", type=int, default=16,
                       help="calibration windows the sensitivity is measured on (default: 16)")
+    plan.add_argument("--check-windows", type=int, default=8,
+                      help="calibration windows after the sensitivity's on which the plan's perplexity is measured "
+                           "with all its layers quantized (default: 8; 0 skips the check, except for "
+                           "--max-ppl-increase, which needs it)")
+    plan.add_argument("--check-data",
+                      help="text (file, folder, dataset or token windows) the check measures on, ideally like what the "
+                           "model will read: the quantization's damage differs from text to text, and the "
+                           "--max-ppl-increase target holds on this text (default: the calibration windows after "
+                           "the sensitivity's)")
+    plan.add_argument("--check-steps", type=int, default=6,
+                      help="--max-ppl-increase: at most this many plans measured in the search (default: 6)")
     plan.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                       help="the dtype compress will save the model in (its --dtype, default bfloat16): sizes count "
                            "what stays unquantized in it (the sensitivity is measured in float32)")
@@ -102,13 +112,16 @@ def run_plan(args) -> int:
     from ..io import load_model
     from ..quantization.stage import select_targets
     from ..recipe import CalibrationConfig, QuantizeStage, Recipe
-    from .planner import plan_for_bytes, plan_for_cost, uniform_plan
+    from .check import PlanCheck, plan_within
+    from .planner import plan_for_bytes, uniform_plan
     from .sensitivity import Sensitivity, measure_sensitivity, sensitivity_settings
 
     recipe = Recipe.load(args.recipe)
     stage = _base_stage(recipe)
     if args.sensitivity_windows < 1:
         raise UserError("--sensitivity-windows: give at least 1")
+    if args.max_ppl_increase is not None and args.check_windows < 1:
+        raise UserError("--check-windows: --max-ppl-increase measures its plans; give at least 1")
     output = Path(args.output)
     cache = Path(args.sensitivity) if args.sensitivity else output.with_name(output.stem + ".sensitivity.safetensors")
     model, tokenizer, source = load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
@@ -116,7 +129,22 @@ def run_plan(args) -> int:
     context = CompressionContext(calibration=recipe.calibration or CalibrationConfig(),
                                  calibration_data=args.calibration_data, tokenizer=tokenizer,
                                  vocab_size=model.get_input_embeddings().num_embeddings)
-    windows = context.calibration_windows()[: args.sensitivity_windows]
+    calibration = context.calibration_windows()
+    windows = calibration[: args.sensitivity_windows]
+    if args.check_data is not None:
+        from ..calibration import calibration_windows
+
+        config = context.calibration
+        held_out = calibration_windows(context.tokenizer_for(args.check_data), args.check_data,
+                                       max(args.check_windows, 0), config.seq_len, config.seed, context.vocab_size)
+        checked_on = f"{len(held_out)} windows of {args.check_data}"
+    else:
+        held_out = calibration[args.sensitivity_windows: args.sensitivity_windows + max(args.check_windows, 0)]
+        checked_on = f"{len(held_out)} held-out calibration windows"
+    if len(held_out) < args.check_windows:
+        raise UserError(f"{len(calibration)} calibration windows: the sensitivity takes {args.sensitivity_windows} "
+                        f"and the check {args.check_windows} more; lower --sensitivity-windows or --check-windows, "
+                        "or raise the recipe's calibration samples")
     wanted = sensitivity_settings(stage, windows)
     sensitivity = Sensitivity.load(cache) if cache.exists() else None
     if sensitivity is not None and (sensitivity.modules != list(targets) or sensitivity.settings != wanted):
@@ -129,6 +157,8 @@ def run_plan(args) -> int:
     else:
         logger.info("sensitivity read from %s", cache)
 
+    check = PlanCheck(model, targets, stage, windows, held_out) if args.check_windows > 0 else None
+    measured = None
     planned = set(targets)
     fixed = _fixed_bytes(model, planned, getattr(torch, args.dtype))
     if args.target_size is not None:
@@ -142,7 +172,10 @@ def run_plan(args) -> int:
         increase = parse_fraction(args.max_ppl_increase, "--max-ppl-increase")
         if increase <= 0:
             raise UserError(f"--max-ppl-increase {args.max_ppl_increase}: give an increase above 0")
-        plan = plan_for_cost(sensitivity, math.log1p(increase))
+        plan, measured = plan_within(sensitivity, 1 + increase, check.ratio, steps=args.check_steps)
+    if measured is None and check is not None:
+        measured = check.ratio(plan)
+    quality = "" if measured is None else f"measured perplexity x{measured:.4f} on {checked_on}"
 
     defaults = QuantizeStage().to_dict()  # the planned stage names only what differs from them
     base = {k: v for k, v in stage.to_dict().items() if k == "method" or (k != "overrides" and v != defaults[k])}
@@ -151,13 +184,15 @@ def run_plan(args) -> int:
         planned_recipe = {"calibration": dataclasses.asdict(recipe.calibration), **planned_recipe}
     Recipe.from_dict(planned_recipe)  # what compress will read: checked before writing
     header = (f"# Planned by hfcompress plan for {args.model or source.hub_id}: {plan.describe()}\n"
-              f"# Sensitivity: {cache}\n")
+              + (f"# {quality}\n" if quality else "") + f"# Sensitivity: {cache}\n")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".partial")
     staging.write_text(header + yaml.safe_dump(planned_recipe, sort_keys=False, width=120), encoding="utf-8")
     staging.replace(output)
 
     print(f"plan: {plan.describe()}")
+    if quality:
+        print(f"check: {quality}")
     print(f"whole model: {(fixed + plan.nbytes) / 1e6:.2f} MB (layers kept as they are: {fixed / 1e6:.2f} MB)")
     for bits, group_size in sensitivity.options:
         uniform = uniform_plan(sensitivity, bits, group_size)
