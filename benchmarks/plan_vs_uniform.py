@@ -4,7 +4,9 @@
    once on Austen windows and cached (``WORK/sensitivity.safetensors``).
 2. Recipes, all with the bundled w3g64-gptq settings (GPTQ, act-order with static groups, MSE
    clipping search), differing only in each layer's bits and group size:
-   ``u3g64`` uniform 3-bit g64; ``plan-u3g64`` the plan at exactly u3g64's bytes; ``plan-3.5bpw``;
+   ``u3g64`` uniform 3-bit g64; ``plan-u3g64`` the plan at exactly u3g64's bytes; ``plan-3.5bit``
+   (``--target-bits 3.5``: halfway between the sizes of u3g64 and u4g64); ``plan-3.5bpw`` (3.5 stored
+   bits per weight, scales included: a fifth of the way from u3g64 to u4g64);
    ``u4g64``, ``u4g128`` uniform 4-bit; ``plan-ppl10`` what ``hfcompress plan --max-ppl-increase
    10%`` chooses (the smallest plan found whose layers, quantized together, measure within 10% of
    the unquantized perplexity on 8 held-out Austen windows); ``u8g64`` uniform 8-bit.
@@ -35,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, measure, prepare_checkpoint, python, save_windows, weights_bytes  # noqa: E402
 
-RUNS = ("float", "u3g64", "plan-u3g64", "plan-3.5bpw", "u4g64", "u4g128", "plan-ppl10", "u8g64")
+RUNS = ("float", "u3g64", "plan-u3g64", "plan-3.5bit", "plan-3.5bpw", "u4g64", "u4g128", "plan-ppl10", "u8g64")
 
 
 def emit(path: Path | None, record: dict) -> None:
@@ -55,12 +57,13 @@ def evaluate(folder: Path | str, wiki: Path, windows: int | None, log: Path) -> 
 
 
 def plans(sensitivity):
-    from hfcompress.planning import plan_for_bytes, uniform_plan
+    from hfcompress.planning import bytes_for_bits, plan_for_bytes, uniform_plan
 
     u3 = uniform_plan(sensitivity, 3, 64)
     return {
         "u3g64": u3,
         "plan-u3g64": plan_for_bytes(sensitivity, u3.nbytes),
+        "plan-3.5bit": plan_for_bytes(sensitivity, bytes_for_bits(sensitivity, 3.5, 64)),
         "plan-3.5bpw": plan_for_bytes(sensitivity, 3.5 * int(sensitivity.weights.sum()) / 8),
         "u4g64": uniform_plan(sensitivity, 4, 64),
         "u4g128": uniform_plan(sensitivity, 4, 128),

@@ -76,6 +76,20 @@ def test_plan_for_cost_is_the_smallest_within_the_loss(seed):
                 assert plan.nbytes <= uniform.nbytes
 
 
+def test_bits_count_as_in_uniform_recipes():
+    from hfcompress.planning import bytes_for_bits
+
+    s = synthetic()
+    u3, u4 = uniform_plan(s, 3, 64).nbytes, uniform_plan(s, 4, 64).nbytes
+    assert bytes_for_bits(s, 4, 64) == u4 and bytes_for_bits(s, 3.5, 64) == (u3 + u4) / 2
+    plan = plan_for_bytes(s, bytes_for_bits(s, 3.5, 64))
+    assert u3 < plan.nbytes <= (u3 + u4) / 2
+    with pytest.raises(PlanError, match="outside the measured widths"):
+        bytes_for_bits(s, 9, 64)
+    with pytest.raises(PlanError, match="no option with groups of 128"):
+        bytes_for_bits(s, 4, 128)
+
+
 def test_impossible_targets_say_why():
     s = synthetic()
     with pytest.raises(PlanError, match="below the smallest plan"):

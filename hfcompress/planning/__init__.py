@@ -1,8 +1,8 @@
 """Compress to a budget: per-layer sensitivity (:mod:`.sensitivity`), the planner that chooses each
 layer's format from it (:mod:`.planner`), and the ``hfcompress plan`` command (:mod:`.commands`)."""
 
-from .planner import Plan, PlanError, plan_for_bytes, plan_for_cost, uniform_plan
+from .planner import Plan, PlanError, bytes_for_bits, plan_for_bytes, plan_for_cost, uniform_plan
 from .sensitivity import DEFAULT_OPTIONS, Sensitivity, SensitivityError, measure_sensitivity
 
-__all__ = ["DEFAULT_OPTIONS", "Plan", "PlanError", "Sensitivity", "SensitivityError", "measure_sensitivity",
+__all__ = ["DEFAULT_OPTIONS", "Plan", "PlanError", "bytes_for_bits", "Sensitivity", "SensitivityError", "measure_sensitivity",
            "plan_for_bytes", "plan_for_cost", "uniform_plan"]

@@ -59,8 +59,9 @@ def add_plan_parser(sub) -> None:
     target = plan.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-size", help="the whole saved model's size: a share of the model as loaded (30%%) "
                                               "or bytes (500MB, 4GB)")
-    target.add_argument("--target-bits", type=float, help="average stored bits per weight of the quantized layers "
-                                                          "(codes, scales and zero points)")
+    target.add_argument("--target-bits", type=float,
+                        help="bits per weight as uniform recipes count them: the size of a uniform model of that many "
+                             "bits at the recipe's group size (3.5: halfway between uniform 3-bit and 4-bit)")
     target.add_argument("--max-ppl-increase", help="largest perplexity increase over the unquantized model, e.g. 10%%")
     plan.add_argument("--recipe", default="w4g64-gptq",
                       help="recipe of one quantize stage whose method and settings the plan keeps "
@@ -113,7 +114,7 @@ def run_plan(args) -> int:
     from ..quantization.stage import select_targets
     from ..recipe import CalibrationConfig, QuantizeStage, Recipe
     from .check import PlanCheck, plan_within
-    from .planner import plan_for_bytes, uniform_plan
+    from .planner import bytes_for_bits, plan_for_bytes, uniform_plan
     from .sensitivity import Sensitivity, measure_sensitivity, sensitivity_settings
 
     recipe = Recipe.load(args.recipe)
@@ -165,9 +166,9 @@ def run_plan(args) -> int:
         whole = fixed + int(sensitivity.float_nbytes.sum())
         plan = plan_for_bytes(sensitivity, parse_size(args.target_size, whole) - fixed)
     elif args.target_bits is not None:
-        if not 0 < args.target_bits <= 32:
-            raise UserError(f"--target-bits {args.target_bits}: give bits per weight between 0 and 32")
-        plan = plan_for_bytes(sensitivity, args.target_bits * int(sensitivity.weights.sum()) / 8)
+        groups = sorted({g for _, g in sensitivity.options})
+        group_size = stage.group_size if stage.group_size in groups else groups[0]  # bits counted at that group size
+        plan = plan_for_bytes(sensitivity, bytes_for_bits(sensitivity, args.target_bits, group_size))
     else:
         increase = parse_fraction(args.max_ppl_increase, "--max-ppl-increase")
         if increase <= 0:

@@ -177,6 +177,27 @@ def plan_for_cost(sensitivity: Sensitivity, max_cost: float) -> Plan:
     return Plan(sensitivity, _fill(nbytes, cost, best, max_cost))
 
 
+def bytes_for_bits(sensitivity: Sensitivity, bits: float, group_size: int) -> float:
+    """The size of a uniform ``bits``-bit model with groups of ``group_size``, as users count bits:
+    a measured width's own size, and between two widths the size in proportion (3.5 bits: halfway
+    between uniform 3-bit and 4-bit), so a plan "at 3.5 bits" holds the same scales' share as the
+    uniform recipes it is compared with."""
+    widths = sorted(b for b, g in sensitivity.options if g == group_size)
+    if not widths:
+        raise PlanError(f"no option with groups of {group_size} was measured; measured: "
+                        + ", ".join(f"{b}-bit g{g}" for b, g in sensitivity.options))
+    if not widths[0] <= bits <= widths[-1]:
+        raise PlanError(f"{bits} bits is outside the measured widths with groups of {group_size} "
+                        f"({widths[0]} to {widths[-1]} bits); give bits in that range or a --target-size")
+    below = max(b for b in widths if b <= bits)
+    above = min(b for b in widths if b >= bits)
+    low = uniform_plan(sensitivity, below, group_size).nbytes
+    if above == below:
+        return float(low)
+    high = uniform_plan(sensitivity, above, group_size).nbytes
+    return low + (high - low) * (bits - below) / (above - below)
+
+
 def uniform_plan(sensitivity: Sensitivity, bits: int, group_size: int) -> Plan:
     """Every layer at one option (to compare a plan with)."""
     index = sensitivity.option_index(bits, group_size)
