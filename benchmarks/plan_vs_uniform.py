@@ -149,15 +149,14 @@ def correlation(model, tokenizer, sensitivity, targets, windows, wiki: Path, n: 
 def text_check(model, tokenizer, targets, stage, sensitivity, windows, wiki: Path, other: Path | None, jsonl) -> None:
     """Uniform 4-bit g64, every layer quantized at once (``PlanCheck``), measured on unseen Austen
     windows, on ``other`` text and on the first 4 WikiText-2 windows: how much the text matters."""
-    from hfcompress.calibration import calibration_windows
     from hfcompress.data import tokenize
     from hfcompress.planning import uniform_plan
     from hfcompress.planning.check import PlanCheck
 
     n = sensitivity.settings["windows"][0]
     texts = {"austen_unseen": windows[n: n + 8], "wikitext2_first4": tokenize(tokenizer, wiki).flatten()[: 4 * 2048].view(4, 2048)}
-    if other:
-        texts[other.stem] = calibration_windows(tokenizer, other, 8, 2048, 0)
+    if other:  # its first 8 windows, as for WikiText-2
+        texts[other.stem] = tokenize(tokenizer, other).flatten()[: 8 * 2048].view(8, 2048)
     plan = uniform_plan(sensitivity, 4, 64)
     check = PlanCheck(model, targets, stage, windows[:n], texts["austen_unseen"])
     record = {"text_check": "u4g64", "predicted_ppl_ratio": round(plan.perplexity_ratio, 4)}
