@@ -109,8 +109,15 @@ def plot_frontier(points: list[Point], path: Path) -> None:
             label="frontier")
     for p in points:
         ax.annotate(p.name, (p.nbytes / 1e6, p.perplexity), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")  # the unquantized model is several times larger than the rest
-    ax.set_xlabel("saved size of the weights (MB, log scale)")
+    sizes = [p.nbytes for p in points]
+    if max(sizes) > 3 * min(sizes):  # an unquantized model several times larger than the rest
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_xlabel("saved size of the weights (MB, log scale)")
+    else:
+        ax.set_xlabel("saved size of the weights (MB)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Size against quality")
     ax.grid(alpha=0.3)
