@@ -162,7 +162,6 @@ def text_check(model, tokenizer, targets, stage, sensitivity, windows, wiki: Pat
     record = {"text_check": "u4g64", "predicted_ppl_ratio": round(plan.perplexity_ratio, 4)}
     for name, held_out in texts.items():
         check.held_out = held_out
-        check.base_loss = check._loss()
         record[name] = round(check.ratio(plan), 4)
     emit(jsonl, record)
 
