@@ -9,7 +9,12 @@
    bits per weight, scales included: a fifth of the way from u3g64 to u4g64);
    ``u4g64``, ``u4g128`` uniform 4-bit; ``plan-ppl10`` what ``hfcompress plan --max-ppl-increase
    10%`` chooses (the smallest plan found whose layers, quantized together, measure within 10% of
-   the unquantized perplexity on 8 held-out Austen windows); ``u8g64`` uniform 8-bit.
+   the unquantized perplexity on 8 held-out Austen windows, or on ``--check-data``); ``u8g64``
+   uniform 8-bit; ``u2g128`` uniform 2-bit g128 (the smallest plan of formats alone);
+   ``cut-u3g64`` and ``cut-u2g128`` what ``hfcompress plan --prune heads,ffn`` chooses at the bytes
+   of u3g64 and u2g128 (cuts and formats together; the cuts' costs are added to the cached
+   sensitivity, one forward and backward pass); ``u4g32`` uniform 4-bit g32 (a format the
+   sensitivity does not price: no prediction).
 3. Each is compressed by ``hfcompress compress`` (wall time, peak RSS), its safetensors bytes
    counted, and evaluated on WikiText-2 raw test (the whole split unless ``--eval-windows``) by
    ``hfcompress eval``; the unquantized model too (``float``).
@@ -37,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, measure, prepare_checkpoint, python, save_windows, weights_bytes  # noqa: E402
 
-RUNS = ("float", "u3g64", "plan-u3g64", "plan-3.5bit", "plan-3.5bpw", "u4g64", "u4g128", "plan-ppl10", "u8g64")
+RUNS = ("float", "u3g64", "plan-u3g64", "plan-3.5bit", "plan-3.5bpw", "u4g64", "u4g128", "plan-ppl10", "u8g64",
+        "cut-u3g64", "u2g128", "cut-u2g128", "u4g32")
 
 
 def emit(path: Path | None, record: dict) -> None:
@@ -56,19 +62,26 @@ def evaluate(folder: Path | str, wiki: Path, windows: int | None, log: Path) -> 
     return {"wikitext2_ppl": round(json.loads(out.read_text())["perplexity"], 3), "eval_seconds": timing["seconds"]}
 
 
-def plans(sensitivity):
+def plans(sensitivity, runs):
     from hfcompress.planning import bytes_for_bits, plan_for_bytes, uniform_plan
+    from hfcompress.planning.joint import JointMenu
 
-    u3 = uniform_plan(sensitivity, 3, 64)
-    return {
-        "u3g64": u3,
-        "plan-u3g64": plan_for_bytes(sensitivity, u3.nbytes),
-        "plan-3.5bit": plan_for_bytes(sensitivity, bytes_for_bits(sensitivity, 3.5, 64)),
-        "plan-3.5bpw": plan_for_bytes(sensitivity, 3.5 * int(sensitivity.weights.sum()) / 8),
-        "u4g64": uniform_plan(sensitivity, 4, 64),
-        "u4g128": uniform_plan(sensitivity, 4, 128),
-        "u8g64": uniform_plan(sensitivity, 8, 64),
+    u3, u2 = uniform_plan(sensitivity, 3, 64), uniform_plan(sensitivity, 2, 128)
+    chosen = {
+        "u3g64": lambda: u3,
+        "plan-u3g64": lambda: plan_for_bytes(sensitivity, u3.nbytes),
+        "plan-3.5bit": lambda: plan_for_bytes(sensitivity, bytes_for_bits(sensitivity, 3.5, 64)),
+        "plan-3.5bpw": lambda: plan_for_bytes(sensitivity, 3.5 * int(sensitivity.weights.sum()) / 8),
+        "u4g64": lambda: uniform_plan(sensitivity, 4, 64),
+        "u4g128": lambda: uniform_plan(sensitivity, 4, 128),
+        "u8g64": lambda: uniform_plan(sensitivity, 8, 64),
+        "u2g128": lambda: u2,
+        # --prune heads,ffn: cuts and formats planned together, at the bytes of u3g64 and of u2g128
+        # (the smallest any plan of formats alone can be)
+        "cut-u3g64": lambda: plan_for_bytes(JointMenu(sensitivity), u3.nbytes),
+        "cut-u2g128": lambda: plan_for_bytes(JointMenu(sensitivity), u2.nbytes),
     }
+    return {name: make() for name, make in chosen.items() if name in runs}
 
 
 def correlation(model, tokenizer, sensitivity, targets, windows, wiki: Path, n: int, jsonl) -> None:
@@ -183,7 +196,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from hfcompress.planning import Sensitivity, measure_sensitivity, plan_for_cost
-    from hfcompress.planning.sensitivity import sensitivity_settings
+    from hfcompress.planning.sensitivity import sensitivity_settings, with_prune_costs
     from hfcompress.quantization.stage import select_targets
     from hfcompress.recipe import Recipe
 
@@ -200,19 +213,25 @@ def main():
     targets = select_targets(model, stage)
     cache = args.work / "sensitivity.safetensors"
     sample = windows[: args.sensitivity_windows]
+    runs = [run for run in args.runs.split(",") if run]
     sensitivity = Sensitivity.load(cache) if cache.exists() else None
-    if sensitivity is None or sensitivity.settings != sensitivity_settings(stage, sample):
+    without_cuts = lambda settings: {k: v for k, v in settings.items() if k != "prune"}  # noqa: E731
+    if sensitivity is None or without_cuts(sensitivity.settings) != sensitivity_settings(stage, sample):
         begin = time.perf_counter()
         sensitivity = measure_sensitivity(model, targets, sample, stage)
         sensitivity.save(cache)
         emit(args.jsonl, {"sensitivity_seconds": round(time.perf_counter() - begin, 1),
                           "layers": len(sensitivity.modules), "options": len(sensitivity.options)})
+    if any(run.startswith("cut-") for run in runs) and sensitivity.prune is None:
+        begin = time.perf_counter()
+        sensitivity = with_prune_costs(sensitivity, model, targets, sample, ("ffn", "heads"))
+        sensitivity.save(cache)
+        emit(args.jsonl, {"cut_costs_seconds": round(time.perf_counter() - begin, 1)})
     if args.correlation:
         correlation(model, tokenizer, sensitivity, targets, windows, wiki, args.correlation, args.jsonl)
     if args.text_check:
         text_check(model, tokenizer, targets, stage, sensitivity, windows, wiki, args.check_data, args.jsonl)
-    chosen = plans(sensitivity)
-    runs = [run for run in args.runs.split(",") if run]
+    chosen = plans(sensitivity, runs)
     checked = {}
     if "plan-ppl10" in runs:  # what hfcompress plan --max-ppl-increase 10% does: plans measured on held-out windows
         from hfcompress.planning.check import PlanCheck, plan_within
@@ -244,10 +263,29 @@ def main():
             emit(args.jsonl, {"run": "float", "weights_bytes": weights_bytes(checkpoint),
                               **evaluate(checkpoint, wiki, args.eval_windows, args.work / "float-eval.log")})
             continue
-        plan = chosen[name]
         recipe = args.work / f"{name}.yaml"
+        if name not in chosen:  # a uniform format the sensitivity does not price: compressed and measured only
+            bits, group_size = map(int, name[1:].split("g"))
+            recipe.write_text(yaml.safe_dump({"calibration": {"samples": 32, "seq_len": 2048, "seed": 0}, "stages": [
+                {"quantize": {**base_stage, "bits": bits, "group_size": group_size}}]}))
+            output = args.work / name / "out"
+            timing = measure([python(), "-m", "hfcompress.cli", "compress", str(checkpoint), "--recipe", str(recipe),
+                              "--output", str(output), "--overwrite", "--no-eval", "--calibration-data",
+                              str(windows_file)], args.work / f"{name}.log")
+            emit(args.jsonl, {"run": name, "recipe": str(recipe), "weights_bytes": weights_bytes(output),
+                              "compress_seconds": timing["seconds"], "mix": f"210 layers {bits}-bit g{group_size}",
+                              **evaluate(output, wiki, args.eval_windows, args.work / f"{name}-eval.log")})
+            continue
+        plan = chosen[name]
+        scores = args.work / f"{name}.prune-scores.safetensors"
+        prune = plan.prune_stage(str(scores))
+        if prune:  # the stage cuts the units the plan priced: the sensitivity's scores
+            from safetensors.torch import save_file
+
+            save_file(sensitivity.prune.scores.to_tensors(), str(scores), metadata={"importance": "activation"})
         recipe.write_text(yaml.safe_dump({"calibration": {"samples": 32, "seq_len": 2048, "seed": 0},
-                                          "stages": [{"quantize": plan.quantize_stage(base_stage)}]}))
+                                          "stages": ([{"prune": prune}] if prune else [])
+                                          + [{"quantize": plan.quantize_stage(base_stage)}]}))
         output = args.work / name / "out"
         timing = measure([python(), "-m", "hfcompress.cli", "compress", str(checkpoint), "--recipe", str(recipe),
                           "--output", str(output), "--overwrite", "--no-eval", "--calibration-data",
@@ -256,7 +294,8 @@ def main():
                   "predicted_ppl_ratio": round(plan.perplexity_ratio, 4),
                   **({"checked_ppl_ratio": round(checked[name], 4)} if name in checked else {}), "weights_bytes": weights_bytes(output),
                   "compress_seconds": timing["seconds"], "compress_peak_rss_gb": round(timing["peak_rss_bytes"] / 1e9, 3),
-                  "mix": plan.describe().split("; ")[-1]}
+                  "mix": plan.describe().split("; ")[-1],
+                  **({"cuts": "; ".join(plan.describe().split("; ")[2:-1])} if plan.cuts() else {})}
         record.update(evaluate(output, wiki, args.eval_windows, args.work / f"{name}-eval.log"))
         emit(args.jsonl, record)
 

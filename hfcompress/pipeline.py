@@ -97,8 +97,8 @@ def _check_against_model(recipe: Recipe, model: nn.Module) -> None:
             if stage.layers >= count:
                 raise PruningError(f"{where}.layers: {stage.layers} of the model's {count} decoder layers; keep at "
                                    f"least one (at most {count - 1} can be removed)")
-            if sizes_known and (stage.heads or stage.ffn or stage.hidden):
-                _check_prune_amounts(model, stage, where)
+            if sizes_known and (stage.heads or stage.ffn or stage.hidden or stage.overrides):
+                _check_prune_amounts(model, stage, where, count)
             count -= stage.layers
             sizes_known = False
         elif stage.name == "share" and (stage.layers is not None or stage.every):
@@ -114,19 +114,26 @@ def _check_against_model(recipe: Recipe, model: nn.Module) -> None:
                                ", ".join(map(repr, unused)), "es" if len(unused) == 1 else "", type(model).__name__)
 
 
-def _check_prune_amounts(model: nn.Module, stage, where: str) -> None:
-    """The amounts of the first prune stage against the model's sizes: none may remove everything."""
+def _check_prune_amounts(model: nn.Module, stage, where: str, count: int) -> None:
+    """The amounts of the first prune stage (and its overrides) against the model's sizes: none may
+    remove everything, and overrides name layers the model has."""
+    beyond = sorted({i for o in stage.overrides for i in o.layers if i >= count})
+    if beyond:
+        raise PruningError(f"{where}.overrides: layers {beyond} do not exist; the model has {count} decoder layers "
+                           f"(0 to {count - 1})")
+    amounts = {stage.amounts(i) for i in range(count)}
     try:
-        layout = layout_of(model, mlp=bool(stage.ffn or stage.hidden))
+        layout = layout_of(model, mlp=any(f for _, f in amounts) or bool(stage.hidden))
     except PruningError:
         return  # the stage says why this model cannot be pruned so
     sizes = layout.sizes(decoder_blocks(model)[0])
     try:
-        if stage.heads:
-            unit = sizes.heads // sizes.kv_heads if stage.gqa == "groups" else sizes.kv_heads
-            remove_count(stage.heads, sizes.heads, unit, "heads", log=False)
-        if stage.ffn:
-            remove_count(stage.ffn, sizes.ffn, 1, "FFN channels", log=False)
+        for heads, ffn in amounts:
+            if heads:
+                unit = sizes.heads // sizes.kv_heads if stage.gqa == "groups" else sizes.kv_heads
+                remove_count(heads, sizes.heads, unit, "heads", log=False)
+            if ffn:
+                remove_count(ffn, sizes.ffn, 1, "FFN channels", log=False)
         if stage.hidden:
             remove_count(stage.hidden, model.get_input_embeddings().weight.shape[1], 1, "hidden channels", log=False)
     except PruningError as err:

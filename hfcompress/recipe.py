@@ -393,6 +393,29 @@ def _check_amount(key: str, value: float | int, what: str) -> None:
 
 
 @dataclass
+class PruneOverride(_Section):
+    """One entry of ``prune.overrides``: decoder layers (0-based, as in the model) that remove
+    other amounts of heads or FFN channels than the stage's. Later entries win over earlier ones;
+    ``hfcompress plan --prune`` writes one entry per amount it chose."""
+
+    layers: list[int] = field(default_factory=list)
+    heads: float | int | None = None
+    ffn: float | int | None = None
+
+    def validate(self):
+        if not self.layers:
+            raise RecipeError("layers: name at least one decoder layer by its index (0 is the first)")
+        if any(i < 0 for i in self.layers):
+            raise RecipeError(f"layers: {self.layers} holds a negative index; decoder layers count from 0")
+        if self.heads is None and self.ffn is None:
+            raise RecipeError("give heads or ffn (or both): the amounts these layers remove")
+        if self.heads is not None:
+            _check_amount("heads", self.heads, "attention heads")
+        if self.ffn is not None:
+            _check_amount("ffn", self.ffn, "FFN channels")
+
+
+@dataclass
 class PruneStage(_Section):
     """``prune``: structured pruning of attention heads, FFN channels, hidden channels and layers.
 
@@ -414,6 +437,16 @@ class PruneStage(_Section):
     gqa: str = "groups"
     uniform: bool = True
     scores: str | None = None  # a .safetensors file: reused when it exists, written when it does not
+    overrides: list[PruneOverride] = field(default_factory=list)  # other amounts for some layers
+
+    def amounts(self, layer: int) -> tuple[float | int, float | int]:
+        """``(heads, ffn)`` that decoder layer ``layer`` removes: the last override naming it, else the stage's."""
+        heads, ffn = self.heads, self.ffn
+        for override in self.overrides:
+            if layer in override.layers:
+                heads = override.heads if override.heads is not None else heads
+                ffn = override.ffn if override.ffn is not None else ffn
+        return heads, ffn
 
     @property
     def needs_calibration(self) -> bool:
@@ -430,6 +463,9 @@ class PruneStage(_Section):
             raise RecipeError(f"importance: {shown(self.importance)} is not a measure we have; valid: {', '.join(self.IMPORTANCE)}")
         if self.gqa not in self.GQA:
             raise RecipeError(f"gqa: {shown(self.gqa)} is not a GQA mode; valid: {', '.join(self.GQA)}")
+        if self.overrides and not self.uniform:
+            raise RecipeError("overrides: set each layer's own amount, where uniform: false ranks units across layers; "
+                              "use one or the other")
 
 
 @dataclass

@@ -68,6 +68,23 @@ def tiny_gpt2():
                                       bos_token_id=0, eos_token_id=0)).eval()
 
 
+def plan_command(tmp_path, model_dir, windows: torch.Tensor) -> tuple[list[str], Path, Path]:
+    """``hfcompress plan`` arguments for ``model_dir`` (a 4-bit g32 GPTQ base recipe, ``windows``
+    saved as calibration token windows, 2 for the sensitivity and 2 for the check), the planned
+    recipe's path and the windows file's."""
+    import yaml
+    from safetensors.torch import save_file
+
+    data = tmp_path / "windows.safetensors"
+    save_file({"input_ids": windows}, data)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"calibration": {"samples": 4, "seq_len": 32}, "stages": [{"quantize": {
+        "method": "gptq", "bits": 4, "group_size": 32, "sym": True}}]}))
+    plan = tmp_path / "plan.yaml"
+    return (["plan", str(model_dir), "--recipe", str(base), "--calibration-data", str(data), "--output", str(plan),
+             "--sensitivity-windows", "2", "--check-windows", "2"], plan, data)
+
+
 def model_output(model, ids):
     """Logits, or the last hidden state of an encoder without a head."""
     with torch.no_grad():

@@ -18,7 +18,7 @@ from hfcompress.quantization.qlinear import LinearFormat, QuantLinear
 from hfcompress.quantization.stage import select_targets
 from hfcompress.recipe import QuantizeStage, Recipe, RecipeError
 
-from conftest import tiny_llama
+from conftest import plan_command, tiny_llama
 
 WINDOWS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -284,16 +284,7 @@ def test_sensitivity_file_round_trip_and_corruption(measured, tmp_path):
 
 
 def test_plan_command_writes_a_recipe_compress_runs(tmp_path, tiny_llama_dir, capsys):
-    windows = tmp_path / "windows.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({"input_ids": WINDOWS}, windows)
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({"calibration": {"samples": 4, "seq_len": 32}, "stages": [{"quantize": {
-        "method": "gptq", "bits": 4, "group_size": 32, "sym": True}}]}))
-    plan = tmp_path / "plan.yaml"
-    argv = ["plan", str(tiny_llama_dir), "--recipe", str(base), "--calibration-data", str(windows),
-            "--output", str(plan), "--sensitivity-windows", "2", "--check-windows", "2"]
+    argv, plan, windows = plan_command(tmp_path, tiny_llama_dir, WINDOWS)
     assert main(argv + ["--target-bits", "4.2"]) == 0
     out = capsys.readouterr().out
     assert "bits per weight" in out and "uniform 4-bit g64" in out

@@ -147,6 +147,33 @@ def test_non_uniform_round_trips_with_identical_logits(tmp_path):
     assert torch.equal(output(reloaded), expected)
 
 
+def test_per_layer_overrides_cut_each_layer_its_own_amount_and_reload(tmp_path):
+    model = tiny_llama(num_hidden_layers=3)
+    reference = tiny_llama(num_hidden_layers=3)
+    prune(model, ffn=0.25, overrides=[{"layers": [0, 2], "ffn": 0.5}, {"layers": [2], "heads": 3}])
+    layer_sizes = sizes(model)
+    full = sizes(reference)[0]
+    assert [s.ffn for s in layer_sizes] == [full.ffn // 2, full.ffn - full.ffn // 4, full.ffn // 2]
+    assert [s.heads for s in layer_sizes] == [full.heads, full.heads, full.heads - 3]
+    expected = output(model)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert sizes(reloaded) == layer_sizes
+    assert torch.equal(output(reloaded), expected)
+
+
+def test_an_override_removes_the_layers_own_least_important_units():
+    model = tiny_llama(num_hidden_layers=2)
+    scores = [[0.5, 0.1, 0.9, 0.3], [0.2, 0.8, 0.05, 0.6]]
+    assert choose(scores, [1, 2], uniform=True) == [{1}, {0, 2}]
+    with pytest.raises(PruningError, match="uniform: true"):
+        choose(scores, [1, 2], uniform=False)
+    with pytest.raises(PruningError, match=r"layers \[5\] do not exist.*3 decoder layers"):
+        prune(tiny_llama(num_hidden_layers=3), overrides=[{"layers": [5], "ffn": 0.5}])
+    with pytest.raises(PruningError, match="leaves none"):
+        prune(model, overrides=[{"layers": [1], "ffn": 160}])
+
+
 def test_depth_pruning_drops_the_layer_that_changes_least(tmp_path):
     model = tiny_llama(num_hidden_layers=3)
     with torch.no_grad():  # layer 1 adds nothing to the residual stream: cosine 1
@@ -255,6 +282,11 @@ def test_blocks_without_attention_and_mlp_are_refused_with_the_reason():
     ({"importance": "random"}, "valid: activation, magnitude, taylor"),
     ({"gqa": "some"}, "valid: groups, per_group"),
     ({"head": 1}, "unknown key 'head'"),
+    ({"overrides": [{"layers": [1]}]}, "give heads or ffn"),
+    ({"overrides": [{"layers": [], "ffn": 0.5}]}, "name at least one decoder layer"),
+    ({"overrides": [{"layers": [-1], "ffn": 0.5}]}, "negative index"),
+    ({"overrides": [{"layers": [1], "ffn": 1.5}]}, r"\[0, 1\)"),
+    ({"overrides": [{"layers": [1], "ffn": 0.5}], "uniform": False}, "one or the other"),
 ])
 def test_bad_prune_recipes(stage, message):
     with pytest.raises(RecipeError, match=message):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..evaluation import evaluate_perplexity
 from ..models import linear_weight
 from ..recipe import QuantizeStage
-from .planner import Plan, PlanError, plan_for_cost
+from .planner import Menu, Plan, PlanError, menu_of, plan_for_cost
 from .sensitivity import Sensitivity, _quantized_change, _Statistics
 
 logger = logging.getLogger(__name__)
@@ -75,20 +75,27 @@ class PlanCheck:
 
     @torch.no_grad()
     def ratio(self, plan: Plan) -> float:
-        formats = plan.formats()
+        """A cut (a plan of :mod:`.joint`) is the output projection's removed input columns zeroed
+        before it is quantized: the same function as the pruned model's."""
+        zeroed = plan.zeroed()
+        wanted = {name: (option, tuple(zeroed.get(name, ()))) for name, option in plan.formats().items()}
         # Quantized weights are kept for the plan in hand only (one model's worth of memory):
         # plans a search visits one after another share most of their layers' options.
-        kept = {key: value for key, value in self._quantized.items() if formats.get(key[0]) == key[1]}
+        kept = {key: value for key, value in self._quantized.items() if wanted.get(key[0]) == key[1]}
         originals = {}
         try:
-            for name, option in tqdm(formats.items(), desc="plan check: layers", unit="layer"):
+            for name, (option, columns) in tqdm(wanted.items(), desc="plan check: layers", unit="layer"):
                 weight = linear_weight(self.targets[name])
-                if (name, option) not in kept:
-                    W = weight.detach().float()
-                    Q = W + _quantized_change(W, self.hessians[name], self.stage, *option)
-                    kept[(name, option)] = Q.to(weight.dtype)
+                if (name, (option, columns)) not in kept:
+                    W, H = weight.detach().float(), self.hessians[name]
+                    if columns:  # removed inputs: dead to GPTQ (zeroed, no error compensated into them)
+                        W, H = W.clone(), H.clone()
+                        S = torch.as_tensor(columns)
+                        W[:, S], H[S, :], H[:, S] = 0, 0, 0
+                    Q = W + _quantized_change(W, H, self.stage, *option)
+                    kept[(name, (option, columns))] = Q.to(weight.dtype)
                 originals[name] = weight.detach().clone()
-                weight.copy_(kept[(name, option)])
+                weight.copy_(kept[(name, (option, columns))])
             loss = self._loss()
         finally:
             for name, original in originals.items():
@@ -97,7 +104,7 @@ class PlanCheck:
         return math.exp(loss - self.base_loss)
 
 
-def plan_within(sensitivity: Sensitivity, max_ratio: float, measure: Callable[[Plan], float],
+def plan_within(source: Sensitivity | Menu, max_ratio: float, measure: Callable[[Plan], float],
                 steps: int = 6, tolerance: float = 0.03) -> tuple[Plan, float]:
     """The smallest plan found whose *measured* perplexity ratio is at most ``max_ratio``, and that
     ratio.
@@ -109,13 +116,14 @@ def plan_within(sensitivity: Sensitivity, max_ratio: float, measure: Callable[[P
     ``steps`` measurements or until the two are within ``tolerance`` of each other.
     """
     goal = math.log(max_ratio)
-    floor = float(sensitivity.cost.double().min(1).values.sum())  # the most precise plan's prediction
+    menu = menu_of(source)
+    floor = menu.totals(*menu.most_precise())[0]  # the most precise plan's prediction
     met: tuple[float, Plan, float] | None = None  # (t, plan, measured ratio): the largest t that met the goal
     missed: float | None = None  # the smallest t that did not
     t, tried = goal, {}
     for _ in range(steps):
         t = max(t, floor)
-        plan = plan_for_cost(sensitivity, t)
+        plan = plan_for_cost(menu, t)
         if plan.nbytes not in tried:  # a search can land on the same plan twice
             tried[plan.nbytes] = measure(plan)
         ratio = tried[plan.nbytes]

@@ -84,6 +84,10 @@ def add_plan_parser(sub) -> None:
                            "the sensitivity's)")
     plan.add_argument("--check-steps", type=int, default=6,
                       help="--max-ppl-increase: at most this many plans measured in the search (default: 6)")
+    plan.add_argument("--prune", default="",
+                      help="cuts the plan may choose besides formats, per decoder layer: heads (whole key/value groups "
+                           "with their query heads), ffn (25%% or 50%% of the channels), or heads,ffn; priced one-shot "
+                           "(no distillation after the cut)")
     plan.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                       help="the dtype compress will save the model in (its --dtype, default bfloat16): sizes count "
                            "what stays unquantized in it (the sensitivity is measured in float32)")
@@ -114,8 +118,9 @@ def run_plan(args) -> int:
     from ..quantization.stage import select_targets
     from ..recipe import CalibrationConfig, QuantizeStage, Recipe
     from .check import PlanCheck, plan_within
+    from .joint import JointMenu
     from .planner import bytes_for_bits, plan_for_bytes, uniform_plan
-    from .sensitivity import Sensitivity, measure_sensitivity, sensitivity_settings
+    from .sensitivity import Sensitivity, measure_sensitivity, sensitivity_settings, with_prune_costs
 
     recipe = Recipe.load(args.recipe)
     stage = _base_stage(recipe)
@@ -146,47 +151,62 @@ def run_plan(args) -> int:
         raise UserError(f"{len(calibration)} calibration windows: the sensitivity takes {args.sensitivity_windows} "
                         f"and the check {args.check_windows} more; lower --sensitivity-windows or --check-windows, "
                         "or raise the recipe's calibration samples")
-    wanted = sensitivity_settings(stage, windows)
+    kinds = _prune_kinds(args.prune)
+    wanted = sensitivity_settings(stage, windows, prune=kinds)
     sensitivity = Sensitivity.load(cache) if cache.exists() else None
+    if sensitivity is not None and sensitivity.modules == list(targets) and sensitivity.settings != wanted and (
+            _without_cuts(sensitivity.settings) == _without_cuts(wanted)):
+        logger.info("%s was measured with other cuts: measuring the cuts %s only", cache, ",".join(kinds) or "(none)")
+        sensitivity = with_prune_costs(sensitivity, model, targets, windows, kinds)
+        sensitivity.save(cache)
     if sensitivity is not None and (sensitivity.modules != list(targets) or sensitivity.settings != wanted):
         logger.info("%s was measured for other layers, windows or settings: measuring again", cache)
         sensitivity = None
     if sensitivity is None:
-        sensitivity = measure_sensitivity(model, targets, windows, stage)
+        sensitivity = measure_sensitivity(model, targets, windows, stage, prune=kinds)
         sensitivity.save(cache)
         logger.info("sensitivity written to %s", cache)
     else:
         logger.info("sensitivity read from %s", cache)
 
+    choices = JointMenu(sensitivity) if kinds else sensitivity  # what the planner chooses from
     check = PlanCheck(model, targets, stage, windows, held_out) if args.check_windows > 0 else None
     measured = None
     planned = set(targets)
     fixed = _fixed_bytes(model, planned, getattr(torch, args.dtype))
     if args.target_size is not None:
         whole = fixed + int(sensitivity.float_nbytes.sum())
-        plan = plan_for_bytes(sensitivity, parse_size(args.target_size, whole) - fixed)
+        plan = plan_for_bytes(choices, parse_size(args.target_size, whole) - fixed)
     elif args.target_bits is not None:
         groups = sorted({g for _, g in sensitivity.options})
         group_size = stage.group_size if stage.group_size in groups else groups[0]  # bits counted at that group size
-        plan = plan_for_bytes(sensitivity, bytes_for_bits(sensitivity, args.target_bits, group_size))
+        plan = plan_for_bytes(choices, bytes_for_bits(sensitivity, args.target_bits, group_size))
     else:
         increase = parse_fraction(args.max_ppl_increase, "--max-ppl-increase")
         if increase <= 0:
             raise UserError(f"--max-ppl-increase {args.max_ppl_increase}: give an increase above 0")
-        plan, measured = plan_within(sensitivity, 1 + increase, check.ratio, steps=args.check_steps)
+        plan, measured = plan_within(choices, 1 + increase, check.ratio, steps=args.check_steps)
     if measured is None and check is not None:
         measured = check.ratio(plan)
     quality = "" if measured is None else f"measured perplexity x{measured:.4f} on {checked_on}"
 
     defaults = QuantizeStage().to_dict()  # the planned stage names only what differs from them
     base = {k: v for k, v in stage.to_dict().items() if k == "method" or (k != "overrides" and v != defaults[k])}
-    planned_recipe = {"stages": [{"quantize": plan.quantize_stage(base)}]}
+    scores = output.with_name(output.stem + ".prune-scores.safetensors")
+    prune = plan.prune_stage(str(scores))
+    planned_recipe = {"stages": ([{"prune": prune}] if prune else []) + [{"quantize": plan.quantize_stage(base)}]}
     if recipe.calibration is not None:
         planned_recipe = {"calibration": dataclasses.asdict(recipe.calibration), **planned_recipe}
     Recipe.from_dict(planned_recipe)  # what compress will read: checked before writing
     header = (f"# Planned by hfcompress plan for {args.model or source.hub_id}: {plan.describe()}\n"
               + (f"# {quality}\n" if quality else "") + f"# Sensitivity: {cache}\n")
     output.parent.mkdir(parents=True, exist_ok=True)
+    if prune:  # the prune stage cuts the units the plan priced: the sensitivity's own scores
+        from safetensors.torch import save_file
+
+        staging = scores.with_name(scores.name + ".partial")
+        save_file(sensitivity.prune.scores.to_tensors(), str(staging), metadata={"importance": "activation"})
+        staging.replace(scores)
     staging = output.with_name(output.name + ".partial")
     staging.write_text(header + yaml.safe_dump(planned_recipe, sort_keys=False, width=120), encoding="utf-8")
     staging.replace(output)
@@ -201,6 +221,22 @@ def run_plan(args) -> int:
               f"x{uniform.perplexity_ratio:.4f}")
     print(f"recipe written to {output}; run: hfcompress compress {args.model or ''} --recipe {output}".replace("  ", " "))
     return 0
+
+
+def _without_cuts(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "prune"}
+
+
+def _prune_kinds(text: str) -> tuple[str, ...]:
+    """``--prune heads,ffn`` -> ("ffn", "heads"); a clear error for anything else."""
+    from .pruning import PRUNE_KINDS
+
+    kinds = tuple(sorted({k.strip() for k in text.split(",") if k.strip()}))
+    unknown = [k for k in kinds if k not in PRUNE_KINDS]
+    if unknown:
+        raise UserError(f"--prune {text!r}: {', '.join(unknown)} is not a cut the planner prices; give heads, ffn "
+                        "or heads,ffn")
+    return kinds
 
 
 def _fixed_bytes(model, planned: set[str], float_dtype=None) -> int:

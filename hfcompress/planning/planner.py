@@ -1,4 +1,5 @@
-"""Choose each layer's bit width and group size under a budget, from measured costs.
+"""Choose each layer's bit width and group size under a budget, from measured costs (and, where
+the sensitivity priced them, each decoder layer's cuts: :mod:`.joint`).
 
 A plan picks one option per layer. With the costs of :mod:`~hfcompress.planning.sensitivity`
 adding up over layers, "the best model within B bytes" is a multiple-choice knapsack:
@@ -11,6 +12,12 @@ greedily on the upgrades that buy the most cost per byte). A Lagrangian relaxati
 picks ``argmin cost + lambda * bytes``) is the textbook shortcut, but it only reaches the convex
 hull of each layer's options and lost to a uniform plan of the same size in our tests. "The
 smallest model within a loss" bisects the budget: the least one whose best plan meets the loss.
+
+Cuts couple layers: a decoder layer's attention cut shrinks its four projections, and their
+formats' bytes and costs depend on it. Such layers form a :class:`Group`; the program runs
+through a group once per cut (each of its layers an item, priced under that cut, the cut's own
+cost added), and keeps, at every budget, the cheapest of the cuts. That is still exact, at the
+work of one pass per cut.
 
 >>> import torch
 >>> from hfcompress.planning.sensitivity import Sensitivity
@@ -37,88 +44,140 @@ class PlanError(UserError):
 
 
 @dataclass
-class Plan:
-    sensitivity: Sensitivity
-    choice: torch.Tensor  # [M] option index per layer
+class Group:
+    """Layers (sensitivity ``rows``) planned together: one of the cuts (column 0: none) and, under
+    it, a format per layer. ``cost[a, j, o]`` and ``nbytes[a, j, o]``: layer ``j`` in format ``o``
+    under cut ``a``; ``cut_cost[a]`` the cut's own cost. A layer outside every cut is a group of one
+    layer and one cut."""
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.sensitivity.nbytes.gather(1, self.choice[:, None]).sum())
-
-    @property
-    def cost(self) -> float:
-        return float(self.sensitivity.cost.double().gather(1, self.choice[:, None]).sum())
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits (codes, scales, zero points) per weight of the planned layers."""
-        return 8 * self.nbytes / int(self.sensitivity.weights.sum())
-
-    @property
-    def perplexity_ratio(self) -> float:
-        """Predicted perplexity over the unquantized model's (on the calibration text)."""
-        return predicted_perplexity_ratio(self.cost)
-
-    def formats(self) -> dict[str, tuple[int, int]]:
-        options = self.sensitivity.options
-        return {name: options[int(o)] for name, o in zip(self.sensitivity.modules, self.choice)}
-
-    def quantize_stage(self, base: dict) -> dict:
-        """The recipe's quantize stage (``base``: its other keys): the most common option as the
-        stage's bits and group size, every other option as one ``overrides`` entry."""
-        formats = self.formats()
-        common = Counter(formats.values()).most_common(1)[0][0]
-        stage = dict(base)
-        stage["bits"], stage["group_size"] = common
-        by_option: dict[tuple[int, int], list[str]] = {}
-        for name, option in formats.items():
-            if option != common:
-                by_option.setdefault(option, []).append(name)
-        stage["overrides"] = [{"modules": names, "bits": bits, "group_size": group_size}
-                              for (bits, group_size), names in sorted(by_option.items())]
-        if not stage["overrides"]:
-            del stage["overrides"]
-        return stage
-
-    def describe(self) -> str:
-        counts = Counter(self.formats().values())
-        mix = ", ".join(f"{n} layers {bits}-bit g{group}" for (bits, group), n in sorted(counts.items()))
-        return (f"{self.nbytes / 1e6:.2f} MB for the planned layers ({self.bits_per_weight:.3f} bits per weight); "
-                f"predicted perplexity x{self.perplexity_ratio:.4f} of the unquantized model's; {mix}")
+    kind: str | None  # "heads", "ffn", or None
+    block: int | None
+    rows: list[int]
+    cut_cost: torch.Tensor  # [A] float64
+    cost: torch.Tensor  # [A, len(rows), O] float64
+    nbytes: torch.Tensor  # [A, len(rows), O] float64
 
 
-def _knapsack(cost: torch.Tensor, nbytes: torch.Tensor, budget: float, resolution: int = 200_000) -> torch.Tensor | None:
-    """The choice of least total ``cost`` with total ``nbytes`` at most ``budget`` (exact up to the
-    byte unit ``budget / resolution``, sizes rounded up so the budget always holds), or None.
+class Menu:
+    """What a plan chooses from: the sensitivity's layers, in ``groups`` where cuts couple them."""
 
-    Dynamic programming over the budget: ``best[b]`` is the least cost of the layers so far within
-    ``b`` units; each layer adds its options' (cost, units) to it. ``resolution`` x layers x options
-    steps, vectorized over ``b``.
-    """
-    if float(nbytes.min(1).values.sum()) > budget:
-        return None
-    unit = max(budget / resolution, 1.0)
-    capacity = int(budget // unit)
-    units = torch.ceil(nbytes.double() / unit).long()
-    if int(units.min(1).values.sum()) > capacity:  # rounding up cost the smallest plan its fit
-        return None
-    best = torch.zeros(capacity + 1, dtype=torch.float64)  # no layer yet: nothing spent, at any budget
-    picks = torch.empty(len(cost), capacity + 1, dtype=torch.uint8)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-    for m in range(len(cost)):
-        candidates = torch.full((cost.shape[1], capacity + 1), float("inf"), dtype=torch.float64)
-        for o in range(cost.shape[1]):
-            w = int(units[m, o])
-            if w <= capacity:
-                candidates[o, w:] = best[: capacity + 1 - w] + cost[m, o]
-        best, picks[m] = candidates.min(dim=0)
-        best = torch.where(torch.isfinite(best), best, inf)
-    choice = torch.empty(len(cost), dtype=torch.long)
-    b = capacity
-    for m in reversed(range(len(cost))):
-        choice[m] = int(picks[m, b])
-        b -= int(units[m, choice[m]])
-    return choice
+    def __init__(self, sensitivity: Sensitivity, groups: list[Group] = ()):
+        self.sensitivity = sensitivity
+        self.groups = list(groups)
+        cost, nbytes = sensitivity.cost.double(), sensitivity.nbytes.double()
+        covered = {row for group in self.groups for row in group.rows}
+        self.groups += [Group(None, None, [i], torch.zeros(1, dtype=torch.float64), cost[i][None, None],
+                              nbytes[i][None, None]) for i in range(len(sensitivity.modules)) if i not in covered]
+
+    def tables(self, cuts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Under ``cuts`` (one per group): every layer's format costs and bytes ``[M, O]`` and the
+        cuts' summed cost."""
+        shape = self.sensitivity.cost.shape
+        cost, nbytes = torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64)
+        total = 0.0
+        for group, a in zip(self.groups, cuts.tolist()):
+            cost[group.rows], nbytes[group.rows] = group.cost[a], group.nbytes[a]
+            total += float(group.cut_cost[a])
+        return cost, nbytes, total
+
+    def totals(self, cuts: torch.Tensor, formats: torch.Tensor) -> tuple[float, float]:
+        """(cost, bytes) of a choice."""
+        cost, nbytes, cut = self.tables(cuts)
+        rows = torch.arange(len(formats))
+        return cut + float(cost[rows, formats].sum()), float(nbytes[rows, formats].sum())
+
+    def _extreme(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest choice (``key`` "nbytes") or the most precise ("cost"), group by group."""
+        cuts, formats = [], torch.empty(len(self.sensitivity.modules), dtype=torch.long)
+        for group in self.groups:
+            table = getattr(group, key)  # [A, m, O]
+            score = table.min(2).values.sum(1) + (group.cut_cost if key == "cost" else 0)
+            a = int(score.argmin())
+            cuts.append(a)
+            formats[group.rows] = table[a].argmin(1)
+        return torch.tensor(cuts), formats
+
+    def smallest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._extreme("nbytes")
+
+    def most_precise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._extreme("cost")
+
+    def largest_bytes(self) -> float:
+        return sum(float(group.nbytes.max(2).values.sum(1).max()) for group in self.groups)
+
+    def knapsack(self, budget: float, resolution: int = 200_000) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The choice of least total cost within ``budget`` bytes (exact up to the byte unit
+        ``budget / resolution``, sizes rounded up so the budget always holds), or None.
+
+        Dynamic programming over the budget: ``best[b]`` is the least cost of the groups so far
+        within ``b`` units; each layer of a group adds its formats' (cost, units) to it, once per
+        cut, and the group keeps the cheapest cut at every ``b``. Layers x cuts x formats steps,
+        each vectorized over ``b``.
+        """
+        if self.totals(*self.smallest())[1] > budget:
+            return None
+        unit = max(budget / resolution, 1.0)
+        capacity = int(budget // unit)
+        units = [torch.ceil(group.nbytes / unit).long() for group in self.groups]
+        if sum(int(u.min(2).values.sum(1).min()) for u in units) > capacity:  # rounding up cost the fit
+            return None
+        best = torch.zeros(capacity + 1, dtype=torch.float64)  # no layer yet: nothing spent, at any budget
+        candidates = torch.empty(len(self.sensitivity.options), capacity + 1, dtype=torch.float64)  # reused
+        picks, cut_picks = [], []
+        for group, group_units in zip(self.groups, units):
+            outcomes, group_picks = [], []
+            for a in range(len(group.cut_cost)):
+                current, layer_picks = best + float(group.cut_cost[a]), []
+                for j in range(len(group.rows)):
+                    current, chosen = _step(current, group_units[a, j], group.cost[a, j], candidates)
+                    layer_picks.append(chosen)
+                outcomes.append(current)
+                group_picks.append(layer_picks)
+            if len(outcomes) == 1:
+                best, cut = outcomes[0], None
+            else:
+                best, cut = torch.stack(outcomes).min(dim=0)
+            picks.append(group_picks)
+            cut_picks.append(cut)
+        cuts = torch.zeros(len(self.groups), dtype=torch.long)
+        formats = torch.empty(len(self.sensitivity.modules), dtype=torch.long)
+        b = capacity
+        for g in reversed(range(len(self.groups))):
+            group = self.groups[g]
+            a = 0 if cut_picks[g] is None else int(cut_picks[g][b])
+            cuts[g] = a
+            for j in reversed(range(len(group.rows))):
+                o = int(picks[g][a][j][b])
+                formats[group.rows[j]] = o
+                b -= int(units[g][a, j, o])
+        return cuts, formats
+
+    def fill(self, cuts: torch.Tensor, formats: torch.Tensor, limit: float, lower: str = "cost") -> torch.Tensor:
+        """Formats (the cuts kept) after spending what is left under ``limit`` on the switches
+        that lower ``lower`` ("cost" within ``limit`` bytes, or "bytes" within ``limit`` cost)
+        the most per unit of the other, one at a time."""
+        cost, nbytes, cut = self.tables(cuts)
+        if lower == "cost":
+            return _fill(cost, nbytes, formats, limit)
+        return _fill(nbytes, cost, formats, limit - cut)
+
+    def plan(self, cuts: torch.Tensor, formats: torch.Tensor) -> Plan:
+        return Plan(self, cuts, formats)
+
+
+def _step(best: torch.Tensor, units: torch.Tensor, cost: torch.Tensor,
+          candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One item of the knapsack: ``best`` after it takes one of its options (``units``, ``cost``),
+    and the option chosen at every budget."""
+    capacity = len(best) - 1
+    candidates.fill_(float("inf"))
+    for o in range(len(cost)):
+        w = int(units[o])
+        if w <= capacity:
+            torch.add(best[: capacity + 1 - w], float(cost[o]), out=candidates[o, w:])  # in place: no temporary
+    best, chosen = candidates[: len(cost)].min(dim=0)
+    return best, chosen.to(torch.uint8)
 
 
 def _fill(primary: torch.Tensor, secondary: torch.Tensor, choice: torch.Tensor, limit: float) -> torch.Tensor:
@@ -139,42 +198,145 @@ def _fill(primary: torch.Tensor, secondary: torch.Tensor, choice: torch.Tensor, 
         choice[flat // primary.shape[1]] = flat % primary.shape[1]
 
 
-def plan_for_bytes(sensitivity: Sensitivity, budget: float) -> Plan:
-    """The plan of least predicted cost whose planned layers take at most ``budget`` bytes."""
-    cost, nbytes = sensitivity.cost.double(), sensitivity.nbytes.double()
-    choice = _knapsack(cost, nbytes, budget)
+def menu_of(source: Sensitivity | Menu) -> Menu:
+    """A menu as given, or a sensitivity's layers' formats alone."""
+    return source if isinstance(source, Menu) else Menu(source)
+
+
+def quantize_stage_of(formats: dict[str, tuple[int, int]], base: dict) -> dict:
+    """The recipe's quantize stage for per-layer ``formats`` (``base``: its other keys): the most
+    common format as the stage's bits and group size, every other one as an ``overrides`` entry."""
+    common = Counter(formats.values()).most_common(1)[0][0]
+    stage = dict(base)
+    stage["bits"], stage["group_size"] = common
+    by_option: dict[tuple[int, int], list[str]] = {}
+    for name, option in formats.items():
+        if option != common:
+            by_option.setdefault(option, []).append(name)
+    stage["overrides"] = [{"modules": names, "bits": bits, "group_size": group_size}
+                          for (bits, group_size), names in sorted(by_option.items())]
+    if not stage["overrides"]:
+        del stage["overrides"]
+    return stage
+
+
+@dataclass
+class Plan:
+    menu: Menu
+    cut_choice: torch.Tensor  # [groups] the cut of each group (0: none)
+    choice: torch.Tensor  # [M] format index per layer
+
+    @property
+    def sensitivity(self) -> Sensitivity:
+        return self.menu.sensitivity
+
+    @property
+    def nbytes(self) -> int:
+        return round(self.menu.totals(self.cut_choice, self.choice)[1])
+
+    @property
+    def cost(self) -> float:
+        return self.menu.totals(self.cut_choice, self.choice)[0]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits (codes, scales, zero points) per weight of the planned layers (as they were before cuts)."""
+        return 8 * self.nbytes / int(self.sensitivity.weights.sum())
+
+    @property
+    def perplexity_ratio(self) -> float:
+        """Predicted perplexity over the unquantized model's (on the calibration text)."""
+        return predicted_perplexity_ratio(self.cost)
+
+    def formats(self) -> dict[str, tuple[int, int]]:
+        options = self.sensitivity.options
+        return {name: options[int(o)] for name, o in zip(self.sensitivity.modules, self.choice)}
+
+    def cuts(self) -> dict[str, dict[int, float | int]]:
+        """Per kind of cut, the amount each cut decoder layer removes (layers not cut left out)."""
+        result: dict[str, dict[int, float | int]] = {}
+        for group, a in zip(self.menu.groups, self.cut_choice.tolist()):
+            if a:
+                amounts = self.sensitivity.prune.costs[group.kind].amounts
+                result.setdefault(group.kind, {})[group.block] = amounts[a]
+        return result
+
+    def zeroed(self) -> dict[str, list[int]]:
+        """The output projections' input columns the cuts remove: zeroing them is the cut (what
+        :class:`~hfcompress.planning.check.PlanCheck` measures)."""
+        zeroed = {}
+        for kind, layers in self.cuts().items():
+            costs = self.sensitivity.prune.costs[kind]
+            for block, amount in layers.items():
+                out = next(name for name, axis, *_ in costs.members[costs.blocks.index(block)] if axis == "in")
+                zeroed[out] = self.sensitivity.prune.removed(kind, block, amount)
+        return zeroed
+
+    def quantize_stage(self, base: dict) -> dict:
+        """The recipe's quantize stage (``base``: its other keys), see :func:`quantize_stage_of`."""
+        return quantize_stage_of(self.formats(), base)
+
+    def prune_stage(self, scores: str) -> dict | None:
+        """The recipe's prune stage: one override per amount (the layers that cut it), the units
+        chosen from the ``scores`` file (the sensitivity's activation scores); None without cuts."""
+        by_amount: dict[tuple[str, float | int], list[int]] = {}
+        for kind, layers in self.cuts().items():
+            for block, amount in sorted(layers.items()):
+                by_amount.setdefault((kind, amount), []).append(block)
+        if not by_amount:
+            return None
+        overrides = [{"layers": blocks, kind: amount} for (kind, amount), blocks in sorted(by_amount.items(), key=str)]
+        return {"importance": "activation", "gqa": "groups", "scores": scores, "overrides": overrides}
+
+    def describe(self) -> str:
+        counts = Counter(self.formats().values())
+        mix = ", ".join(f"{n} layers {bits}-bit g{group}" for (bits, group), n in sorted(counts.items()))
+        cuts = "".join(f"; {kind} cut in {len(layers)} layers (" + ", ".join(
+            f"{n} by {amount}" for amount, n in sorted(Counter(layers.values()).items())) + ")"
+            for kind, layers in sorted(self.cuts().items()))
+        return (f"{self.nbytes / 1e6:.2f} MB for the planned layers ({self.bits_per_weight:.3f} bits per weight); "
+                f"predicted perplexity x{self.perplexity_ratio:.4f} of the unquantized model's{cuts}; {mix}")
+
+
+def plan_for_bytes(source: Sensitivity | Menu, budget: float) -> Plan:
+    """The plan of least predicted cost whose planned layers take at most ``budget`` bytes
+    (``source``: a sensitivity, whose layers' formats are chosen, or a :class:`Menu` with cuts)."""
+    menu = menu_of(source)
+    choice = menu.knapsack(budget)
     if choice is None:
-        raise PlanError(f"{budget / 1e6:.2f} MB is below the smallest plan ({float(nbytes.min(1).values.sum()) / 1e6:.2f} "
+        raise PlanError(f"{budget / 1e6:.2f} MB is below the smallest plan ({menu.totals(*menu.smallest())[1] / 1e6:.2f} "
                         "MB, every layer at its smallest option); raise the target or measure smaller options")
-    return Plan(sensitivity, _fill(cost, nbytes, choice, budget))
+    cuts, formats = choice
+    return menu.plan(cuts, menu.fill(cuts, formats, budget, lower="cost"))
 
 
-def plan_for_cost(sensitivity: Sensitivity, max_cost: float) -> Plan:
+def plan_for_cost(source: Sensitivity | Menu, max_cost: float) -> Plan:
     """The smallest plan whose predicted cost (nats per token) is at most ``max_cost``: the least
     budget whose best plan meets it, by bisection (the best cost only falls as the budget grows)."""
-    cost, nbytes = sensitivity.cost.double(), sensitivity.nbytes.double()
+    menu = menu_of(source)
     max_cost *= 1 + 1e-6  # costs are stored in float32: sums in another order differ in the last digits
-    if float(cost.min(1).values.sum()) > max_cost:
-        best = float(cost.min(1).values.sum())
+    precise = menu.most_precise()
+    least = menu.totals(*precise)[0]
+    if least > max_cost:
         raise PlanError(f"no measured option meets the target: even the most precise plan is predicted at perplexity "
-                        f"x{predicted_perplexity_ratio(best):.4f}; allow more, or measure wider options")
-    low, high = float(nbytes.min(1).values.sum()), float(nbytes.max(1).values.sum())
-    total = lambda choice: float(cost.gather(1, choice[:, None]).sum())  # noqa: E731
-    smallest = nbytes.argmin(dim=1)
-    if total(smallest) <= max_cost:
-        return Plan(sensitivity, smallest)
-    best = _knapsack(cost, nbytes, high)
-    if total(best) > max_cost:  # the most precise options may not be the largest ones: take the cheapest in cost
-        best = cost.argmin(dim=1)
-        high = float(nbytes.gather(1, best[:, None]).sum())
+                        f"x{predicted_perplexity_ratio(least):.4f}; allow more, or measure wider options")
+    smallest = menu.smallest()
+    low, high = menu.totals(*smallest)[1], menu.largest_bytes()
+    if menu.totals(*smallest)[0] <= max_cost:
+        return menu.plan(*smallest)
+    best = menu.knapsack(high)
+    if menu.totals(*best)[0] > max_cost:  # the most precise options may not be the largest ones
+        best = precise
+        high = menu.totals(*precise)[1]
     while high - low > max(1.0, 1e-4 * high):
         middle = (low + high) / 2
-        choice = _knapsack(cost, nbytes, middle, resolution=20_000)
-        if choice is not None and total(choice) <= max_cost:
+        choice = menu.knapsack(middle, resolution=20_000)
+        if choice is not None and menu.totals(*choice)[0] <= max_cost:
             high, best = middle, choice
         else:
             low = middle
-    return Plan(sensitivity, _fill(nbytes, cost, best, max_cost))
+    cuts, formats = best
+    return menu.plan(cuts, menu.fill(cuts, formats, max_cost, lower="bytes"))
 
 
 def bytes_for_bits(sensitivity: Sensitivity, bits: float, group_size: int) -> float:
@@ -201,4 +363,6 @@ def bytes_for_bits(sensitivity: Sensitivity, bits: float, group_size: int) -> fl
 def uniform_plan(sensitivity: Sensitivity, bits: int, group_size: int) -> Plan:
     """Every layer at one option (to compare a plan with)."""
     index = sensitivity.option_index(bits, group_size)
-    return Plan(sensitivity, torch.full((len(sensitivity.modules),), index, dtype=torch.long))
+    menu = Menu(sensitivity)
+    return menu.plan(torch.zeros(len(menu.groups), dtype=torch.long),
+                     torch.full((len(sensitivity.modules),), index, dtype=torch.long))

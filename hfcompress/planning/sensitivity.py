@@ -44,7 +44,9 @@ from ..models import linear_shape, linear_weight
 from ..quantization.gptq import accumulate_hessian, gptq_quantize, relative_error
 from ..quantization.qlinear import LinearFormat, QuantLinear
 from ..quantization.rtn import quantize_rtn
+from ..pruning.importance import Scores
 from ..recipe import QuantizeStage
+from .pruning import PRUNE_KINDS, PruneCosts, PruneMeasure, measure_prune_costs
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Sensitivity:
     float_nbytes: torch.Tensor  # [M] int64: bytes of each layer's float weight as the model holds it
     loss: float  # the unquantized model's mean next-token loss on the calibration windows
     settings: dict = field(default_factory=dict)  # what it was measured with (method, windows, ...)
+    prune: PruneMeasure | None = None  # the cuts' costs, when measured (:mod:`.pruning`)
 
     def option_index(self, bits: int, group_size: int) -> int:
         try:
@@ -79,6 +82,12 @@ class Sensitivity:
             raise SensitivityError(f"no option of {bits} bits, group size {group_size} was measured; measured: "
                                    + ", ".join(f"{b}-bit g{g}" for b, g in self.options)) from None
 
+    def linear_format(self, bits: int, group_size: int) -> LinearFormat:
+        """How a layer is stored in option ``(bits, group_size)`` under the measured settings."""
+        gptq = self.settings.get("gptq", {})
+        act_order = self.settings.get("method") == "gptq" and gptq.get("act_order", False) and not gptq.get("static_groups")
+        return LinearFormat(bits=bits, group_size=group_size, sym=self.settings.get("sym", True), act_order=act_order)
+
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
@@ -86,6 +95,12 @@ class Sensitivity:
                     "options": json.dumps(self.options), "loss": repr(self.loss), "settings": json.dumps(self.settings)}
         tensors = {"cost": self.cost, "output_error": self.output_error, "nbytes": self.nbytes,
                    "weights": self.weights, "float_nbytes": self.float_nbytes}
+        if self.prune is not None:
+            metadata["prune"] = json.dumps({"head_dim": self.prune.head_dim,
+                                            **{k: c.metadata() for k, c in self.prune.costs.items()}})
+            for kind, costs in self.prune.costs.items():
+                tensors[f"prune.{kind}.cost"], tensors[f"prune.{kind}.kept"] = costs.cost, costs.kept
+            tensors.update({f"scores.{k}": v for k, v in self.prune.scores.to_tensors().items()})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(path.name + ".partial")
@@ -105,9 +120,16 @@ class Sensitivity:
                                    "(hfcompress plan --sensitivity-only)") from None
         if metadata.get("format_version") != FORMAT_VERSION or "cost" not in tensors:
             raise SensitivityError(f"{path}: not a sensitivity file of this version; measure it again")
+        prune = None
+        if "prune" in metadata:
+            saved = json.loads(metadata["prune"])
+            scores = Scores.from_tensors("activation", {k[len("scores."):]: v for k, v in tensors.items()
+                                                        if k.startswith("scores.")})
+            prune = PruneMeasure({kind: PruneCosts.from_saved(kind, saved[kind], tensors) for kind in PRUNE_KINDS
+                                  if kind in saved}, scores, saved["head_dim"])
         return cls(json.loads(metadata["modules"]), [tuple(o) for o in json.loads(metadata["options"])],
                    tensors["cost"], tensors["output_error"], tensors["nbytes"], tensors["weights"],
-                   tensors["float_nbytes"], float(metadata["loss"]), json.loads(metadata.get("settings", "{}")))
+                   tensors["float_nbytes"], float(metadata["loss"]), json.loads(metadata.get("settings", "{}")), prune)
 
 
 def stored_nbytes(in_features: int, out_features: int, fmt: LinearFormat, bias: bool = False) -> int:
@@ -207,9 +229,10 @@ def _quantized_change(W: torch.Tensor, H: torch.Tensor, stage: QuantizeStage, bi
 
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, targets: dict[str, nn.Module], windows: torch.Tensor,
-                        stage: QuantizeStage, options=DEFAULT_OPTIONS) -> Sensitivity:
+                        stage: QuantizeStage, options=DEFAULT_OPTIONS, prune: tuple[str, ...] = ()) -> Sensitivity:
     """Cost and size of each of ``options`` for each of ``targets`` (see the module doc);
-    ``stage`` says how a layer is quantized (method, symmetry and GPTQ's settings)."""
+    ``stage`` says how a layer is quantized (method, symmetry and GPTQ's settings); ``prune``:
+    the kinds of cuts (``heads``, ``ffn``) priced too (:mod:`.pruning`)."""
     options = [tuple(o) for o in options]
     for bits, group_size in options:
         LinearFormat(bits=bits, group_size=group_size, sym=stage.sym)  # a clear error for an invalid option
@@ -250,19 +273,39 @@ def measure_sensitivity(model: nn.Module, targets: dict[str, nn.Module], windows
                                              getattr(targets[name], "bias", None) is not None)
                 progress.update(1)
     progress.close()
-    settings = sensitivity_settings(stage, windows, options)
+    cuts = measure_prune_costs(model, targets, windows, stats, tuple(prune)) if prune else None
+    settings = sensitivity_settings(stage, windows, options, prune)
     logger.info("sensitivity of %d layers x %d options measured on %d tokens (float loss %.4f)", len(names),
                 len(options), windows.numel(), loss)
-    return Sensitivity(names, options, cost, error, nbytes, weights, float_nbytes, loss, settings)
+    return Sensitivity(names, options, cost, error, nbytes, weights, float_nbytes, loss, settings, cuts)
 
 
-def sensitivity_settings(stage: QuantizeStage, windows: torch.Tensor, options=DEFAULT_OPTIONS) -> dict:
+@torch.no_grad()
+def with_prune_costs(sensitivity: Sensitivity, model: nn.Module, targets: dict[str, nn.Module], windows: torch.Tensor,
+                     prune: tuple[str, ...]) -> Sensitivity:
+    """``sensitivity`` (measured on ``windows``) with the costs of the ``prune`` cuts added: one
+    forward and backward pass for the statistics, none of the quantizations again."""
+    import dataclasses
+
+    stats, _ = _collect(model, targets, windows)
+    settings = {k: v for k, v in sensitivity.settings.items() if k != "prune"}
+    if prune:
+        settings["prune"] = sorted(prune)
+    cuts = measure_prune_costs(model, targets, windows, stats, tuple(prune)) if prune else None
+    return dataclasses.replace(sensitivity, settings=settings, prune=cuts)
+
+
+def sensitivity_settings(stage: QuantizeStage, windows: torch.Tensor, options=DEFAULT_OPTIONS,
+                         prune: tuple[str, ...] = ()) -> dict:
     """What a sensitivity was measured with: a cached one is used only when these match."""
     import hashlib
 
-    return {"method": stage.method, "sym": stage.sym, "gptq": {k: getattr(stage, k) for k in QuantizeStage.GPTQ_KEYS},
-            "options": [list(o) for o in options], "windows": list(windows.shape),
-            "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()[:16]}
+    settings = {"method": stage.method, "sym": stage.sym, "gptq": {k: getattr(stage, k) for k in QuantizeStage.GPTQ_KEYS},
+                "options": [list(o) for o in options], "windows": list(windows.shape),
+                "windows_sha256": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()[:16]}
+    if prune:
+        settings["prune"] = sorted(prune)
+    return settings
 
 
 def predicted_perplexity_ratio(total_cost: float) -> float:

@@ -76,17 +76,24 @@ def head_units(sizes: LayerSizes, heads: torch.Tensor, kv_heads: torch.Tensor, g
     return sorted(units, key=lambda u: u.score)
 
 
-def choose(per_layer: list[list[float]], remove_per_layer: int, uniform: bool, ordered: bool = False) -> list[set[int]]:
-    """Indices to remove in each layer: ``remove_per_layer`` each, or that many on average.
+def choose(per_layer: list[list[float]], remove_per_layer: int | list[int], uniform: bool,
+           ordered: bool = False) -> list[set[int]]:
+    """Indices to remove in each layer: ``remove_per_layer`` each (or each layer its own count, a
+    list, with ``uniform``), or that many on average.
 
     ``per_layer[l]`` holds the scores of layer ``l``'s units. With ``ordered`` the units of a
     layer must go in the order given (GQA slots), whatever their scores.
     """
+    if isinstance(remove_per_layer, list):
+        if not uniform:
+            raise PruningError("per-layer amounts remove each layer's own least important units (uniform: true)")
+        counts = remove_per_layer
+    else:
+        counts = [remove_per_layer] * len(per_layer)
     if uniform:
         if ordered:
-            return [set(range(remove_per_layer)) for _ in per_layer]
-        return [set(torch.tensor(s).argsort()[:remove_per_layer].tolist()) if remove_per_layer else set()
-                for s in per_layer]
+            return [set(range(n)) for n in counts]
+        return [set(torch.tensor(s).argsort()[:n].tolist()) if n else set() for s, n in zip(per_layer, counts)]
     # Within a layer, units are ranked by score (GQA slots: their scores rise with their order), so
     # taking candidates in global (score, rank) order never skips ahead inside a layer.
     total = remove_per_layer * len(per_layer)

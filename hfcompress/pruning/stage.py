@@ -98,6 +98,17 @@ def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage
 # --- pruning ------------------------------------------------------------------------------------
 
 
+def _counts(amounts: list, total: int, unit: int, what: str) -> list[int]:
+    """Units each layer removes, from its amount (each distinct amount converted, and logged, once)."""
+    units = {amount: remove_count(amount, total, unit, what) // unit for amount in dict.fromkeys(amounts)}
+    return [units[amount] for amount in amounts]
+
+
+def _one_or_each(counts: list[int]) -> int | list[int]:
+    """One count for every layer (which ``uniform: false`` spreads across layers), or each layer's own."""
+    return counts[0] if len(set(counts)) == 1 else counts
+
+
 def _prune_heads(model: nn.Module, blocks, layout: PruningLayout, scores: Scores, stage: PruneStage) -> dict[int, list[int]]:
     """Cut heads in every block; returns the removed query heads per layer (original numbering)."""
     sizes = [layout.sizes(b) for b in blocks]
@@ -110,11 +121,11 @@ def _prune_heads(model: nn.Module, blocks, layout: PruningLayout, scores: Scores
             "key/value heads (one query head per group); use gqa: groups"
         )
     unit_size = H // KV if stage.gqa == "groups" else KV
-    n_heads = remove_count(stage.heads, H, unit_size, "heads")
-    if not n_heads:
+    counts = _counts([stage.amounts(i)[0] for i in range(len(blocks))], H, unit_size, "heads")
+    if not any(counts):
         return {}
     units = [head_units(s, scores.heads[i], scores.kv_heads[i], stage.gqa) for i, s in enumerate(sizes)]
-    removed = choose([[u.score for u in layer] for layer in units], n_heads // unit_size, stage.uniform,
+    removed = choose([[u.score for u in layer] for layer in units], _one_or_each(counts), stage.uniform,
                      ordered=stage.gqa == "per_group")
     pruned, names = {}, block_names(model)
     for i, (block, layer_units, gone) in enumerate(zip(blocks, units, removed)):
@@ -133,10 +144,10 @@ def _prune_ffn(model: nn.Module, blocks, layout: PruningLayout, scores: Scores, 
     sizes = [layout.sizes(b).ffn for b in blocks]
     if len(set(sizes)) != 1:
         raise PruningError("ffn: the model's layers already differ in FFN size; prune the FFN once, from the original")
-    n = remove_count(stage.ffn, sizes[0], 1, "FFN channels")
-    if not n:
+    counts = _counts([stage.amounts(i)[1] for i in range(len(blocks))], sizes[0], 1, "FFN channels")
+    if not any(counts):
         return
-    removed = choose([scores.ffn[i].abs().tolist() for i in range(len(blocks))], n, stage.uniform)
+    removed = choose([scores.ffn[i].abs().tolist() for i in range(len(blocks))], _one_or_each(counts), stage.uniform)
     for name, block, gone in zip(block_names(model), blocks, removed):
         with resident(model, name):
             layout.keep_ffn(block, [c for c in range(sizes[0]) if c not in gone])
@@ -312,12 +323,18 @@ def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionCo
     if config.shared:
         raise PruningError("prune: decoder layers of this model share weights, which per-layer pruning would cut "
                            "differently; put the prune stage before share")
-    if not (stage.heads or stage.ffn or stage.hidden or stage.layers or stage.experts):
+    blocks = decoder_blocks(model)
+    beyond = sorted({i for o in stage.overrides for i in o.layers if i >= len(blocks)})
+    if beyond:
+        raise PruningError(f"overrides: layers {beyond} do not exist; this model has {len(blocks)} decoder layers "
+                           f"(0 to {len(blocks) - 1})")
+    amounts = [stage.amounts(i) for i in range(len(blocks))]
+    heads, ffn = any(h for h, _ in amounts), any(f for _, f in amounts)
+    if not (heads or ffn or stage.hidden or stage.layers or stage.experts):
         logger.info("prune: nothing to remove")
         return
-    blocks = decoder_blocks(model)
-    layout = layout_of(model, mlp=bool(stage.ffn or stage.hidden)) if (stage.heads or stage.ffn or stage.hidden) else None
-    if stage.heads and layout.model_type in HEADS_FIXED:
+    layout = layout_of(model, mlp=bool(ffn or stage.hidden)) if (heads or ffn or stage.hidden) else None
+    if heads and layout.model_type in HEADS_FIXED:
         raise PruningError(f"heads: the heads of {layout.model_type!r} cannot be pruned: "
                            f"{HEADS_FIXED[layout.model_type]}; prune ffn or layers instead")
     original = layout.sizes(blocks[0]) if layout is not None else None
@@ -325,9 +342,9 @@ def apply_prune_stage(model: nn.Module, stage: PruneStage, config: CompressionCo
         prune_experts(model, stage, context)
     scores = load_or_compute_scores(model, layout, stage, context) if (layout or stage.layers) else None
     pruned_heads, dropped = {}, []
-    if stage.heads:
+    if heads:
         pruned_heads = _prune_heads(model, blocks, layout, scores, stage)
-    if stage.ffn:
+    if ffn:
         _prune_ffn(model, blocks, layout, scores, stage)
     if stage.hidden:
         _prune_hidden(model, blocks, layout, scores, stage, original)
