@@ -114,7 +114,9 @@ def plot_frontier(points: list[Point], path: Path) -> None:
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)  # 200, 300: not 2x10^2
         ax.set_xlabel("saved size of the weights (MB, log scale)")
     else:
         ax.set_xlabel("saved size of the weights (MB)")
