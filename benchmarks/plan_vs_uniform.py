@@ -280,9 +280,7 @@ def main():
         scores = args.work / f"{name}.prune-scores.safetensors"
         prune = plan.prune_stage(str(scores))
         if prune:  # the stage cuts the units the plan priced: the sensitivity's scores
-            from safetensors.torch import save_file
-
-            save_file(sensitivity.prune.scores.to_tensors(), str(scores), metadata={"importance": "activation"})
+            sensitivity.prune.scores.save(scores)
         recipe.write_text(yaml.safe_dump({"calibration": {"samples": 32, "seq_len": 2048, "seed": 0},
                                           "stages": ([{"prune": prune}] if prune else [])
                                           + [{"quantize": plan.quantize_stage(base_stage)}]}))

@@ -72,9 +72,7 @@ def test_the_recipe_cuts_the_columns_the_plan_priced(measured, tmp_path):
     plan = plan_for_bytes(menu, 0.8 * smallest)  # below every uncut plan: it must cut
     assert plan.nbytes <= 0.8 * smallest and plan.cuts()
     scores = tmp_path / "scores.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(s.prune.scores.to_tensors(), str(scores), metadata={"importance": "activation"})
+    s.prune.scores.save(scores)
     stage = plan.prune_stage(str(scores))
     pruned = tiny_llama()
     hfcompress.compress(pruned, {"stages": [{"prune": stage}]}, calibration_data=WINDOWS)
@@ -92,11 +90,9 @@ def test_a_cut_plan_compresses_to_exactly_the_planned_bytes(measured):
     import tempfile
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory() as folder:
         scores = Path(folder) / "scores.safetensors"
-        save_file(s.prune.scores.to_tensors(), str(scores), metadata={"importance": "activation"})
+        s.prune.scores.save(scores)
         recipe = {"stages": [{"prune": plan.prune_stage(str(scores))}, {"quantize": plan.quantize_stage(base)}]}
         compressed = tiny_llama()
         hfcompress.compress(compressed, recipe, calibration_data=WINDOWS)

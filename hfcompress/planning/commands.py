@@ -202,11 +202,7 @@ def run_plan(args) -> int:
               + (f"# {quality}\n" if quality else "") + f"# Sensitivity: {cache}\n")
     output.parent.mkdir(parents=True, exist_ok=True)
     if prune:  # the prune stage cuts the units the plan priced: the sensitivity's own scores
-        from safetensors.torch import save_file
-
-        staging = scores.with_name(scores.name + ".partial")
-        save_file(sensitivity.prune.scores.to_tensors(), str(staging), metadata={"importance": "activation"})
-        staging.replace(scores)
+        sensitivity.prune.scores.save(scores)
     staging = output.with_name(output.name + ".partial")
     staging.write_text(header + yaml.safe_dump(planned_recipe, sort_keys=False, width=120), encoding="utf-8")
     staging.replace(output)

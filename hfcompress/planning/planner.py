@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -230,13 +231,17 @@ class Plan:
     def sensitivity(self) -> Sensitivity:
         return self.menu.sensitivity
 
+    @cached_property
+    def _totals(self) -> tuple[float, float]:
+        return self.menu.totals(self.cut_choice, self.choice)  # a plan is not changed once made
+
     @property
     def nbytes(self) -> int:
-        return round(self.menu.totals(self.cut_choice, self.choice)[1])
+        return round(self._totals[1])
 
     @property
     def cost(self) -> float:
-        return self.menu.totals(self.cut_choice, self.choice)[0]
+        return self._totals[0]
 
     @property
     def bits_per_weight(self) -> float:
@@ -321,8 +326,9 @@ def plan_for_cost(source: Sensitivity | Menu, max_cost: float) -> Plan:
         raise PlanError(f"no measured option meets the target: even the most precise plan is predicted at perplexity "
                         f"x{predicted_perplexity_ratio(least):.4f}; allow more, or measure wider options")
     smallest = menu.smallest()
-    low, high = menu.totals(*smallest)[1], menu.largest_bytes()
-    if menu.totals(*smallest)[0] <= max_cost:
+    smallest_cost, low = menu.totals(*smallest)
+    high = menu.largest_bytes()
+    if smallest_cost <= max_cost:
         return menu.plan(*smallest)
     best = menu.knapsack(high)
     if menu.totals(*best)[0] > max_cost:  # the most precise options may not be the largest ones

@@ -51,6 +51,18 @@ class Scores:
     hidden: torch.Tensor | None = None
     layers: torch.Tensor | None = None
 
+    def save(self, path) -> None:
+        """Write the scores file a prune stage's ``scores:`` reads back (whole, or not at all)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".partial")
+        save_file(self.to_tensors(), str(staging), metadata={"importance": self.method})
+        staging.replace(path)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for i, (h, kv, f) in enumerate(zip(self.heads, self.kv_heads, self.ffn)):

@@ -67,7 +67,6 @@ def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage
     """Scores from ``stage.scores`` when that file exists (same measure, same shapes), else computed
     (and written there when a path is given)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = Path(stage.scores) if stage.scores else None
     if path is not None and path.exists():
@@ -89,8 +88,7 @@ def load_or_compute_scores(model: nn.Module, layout: PruningLayout | None, stage
         return scores
     scores = compute_scores(model, layout, stage, context)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(scores.to_tensors(), str(path), metadata={"importance": stage.importance})
+        scores.save(path)
         logger.info("importance scores written to %s", path)
     return scores
 
