@@ -264,7 +264,7 @@ def probe_block_calls(model: nn.Module, blocks: nn.ModuleList, windows: torch.Te
             calls[current[0]][b] = (args, kwargs)
 
         def post(module, args, kwargs, output, b=b):
-            previous[0] = _block_output(output)
+            previous[0] = block_output(output)
             if b == len(blocks) - 1:
                 # Nothing after the last block is recorded: the final norm and the output
                 # projection (a vocabulary-wide matrix, read from disk for a model that lives
@@ -341,7 +341,8 @@ def _run_to(model, block, windows, device, grab, grabbed: list, what: str) -> No
         raise RuntimeError(f"{what} of {type(model).__name__} was not reached by the forward pass")
 
 
-def _block_output(output):
+def block_output(output):
+    """The hidden states a decoder block returns (first of a tuple, or the tensor itself)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -362,7 +363,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, updat
         x = args[0] if args else kwargs.get("hidden_states")
         try:
             with compute_context(device, dtype):
-                out = _block_output(block(*args, **kwargs))
+                out = block_output(block(*args, **kwargs))
         except _StopForward:
             continue
         if observe is not None:

@@ -297,7 +297,8 @@ class QuantizeStage(_Section):
 
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
-        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential", "asymmetric", "refit")
+        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential", "asymmetric", "refit",
+        "tune", "tune_lr", "tune_norms", "tune_codes")
 
     method: str = "rtn"
     bits: int = 4
@@ -321,6 +322,10 @@ class QuantizeStage(_Section):
     true_sequential: bool = False
     asymmetric: float = 0.0  # GPTAQ: 0 calibrates each layer on its own inputs, 1 against the float model's outputs
     refit: bool = False  # least-squares group scales for the codes GPTQ chose
+    tune: int = 0  # epochs of block-wise tuning of the group scales to each block's output (block_tuning.py)
+    tune_lr: float = 1e-3  # Adam's learning rate for the scales' logarithms (cosine schedule)
+    tune_norms: bool = False  # the block's norm weights (kept in float) train with the scales
+    tune_codes: bool = False  # each code may move one grid step while the scales train (rounding learned)
     awq: bool = False  # gptq only: fold AWQ's activation-aware scales in first (method awq: AWQ + rounding)
     overrides: list[FormatOverride] = field(default_factory=list)
 
@@ -365,6 +370,15 @@ class QuantizeStage(_Section):
         if self.asymmetric and self.true_sequential:
             raise RecipeError("asymmetric: calibration against the float model runs with true_sequential: false; "
                               "set one of them off")
+        if self.tune < 0:
+            raise RecipeError(f"tune: {self.tune} must be a number of epochs, 0 (no tuning) or more")
+        if self.tune and self.true_sequential:
+            raise RecipeError("tune: block-wise scale tuning runs with true_sequential: false; set one of them off")
+        for key in ("tune_norms", "tune_codes"):
+            if getattr(self, key) and not self.tune:
+                raise RecipeError(f"{key}: true trains with the scales; set tune: (epochs) as well")
+        if not self.tune_lr > 0:
+            raise RecipeError(f"tune_lr: {self.tune_lr} must be positive (a learning rate, 1e-3 by default)")
         if self.block_size <= 0:
             raise RecipeError(f"block_size: {self.block_size} must be positive")
         if self.awq and self.method != "gptq":

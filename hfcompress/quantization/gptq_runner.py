@@ -35,6 +35,7 @@ from ..errors import CalibrationError
 from ..models import ExpertLinears, decoder_blocks, linear_shape, linear_weight
 from ..recipe import QuantizeStage
 from .resume import ResumeState
+from .block_tuning import tune_block_scales
 from .gptq import GPTQResult, accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales, relative_error
 from .grid import QuantizedWeight
 from .qlinear import LinearFormat, QuantLinear
@@ -220,7 +221,7 @@ class GPTQBlockQuantizer:
         return results
 
     def _paired_pass(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
-                     tracker: InputTracker) -> None:
+                     tracker: InputTracker, observe: Callable | None = None) -> None:
         """Each window through the float block twice: from the float model's stream (its layers'
         inputs become the tracker's reference; the outputs move that stream on) and from the
         quantized model's stream (Hessians and cross products)."""
@@ -230,7 +231,7 @@ class GPTQBlockQuantizer:
                 run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
             tracker.reference = seen
             with input_hooks(targets, tracker):
-                run_block(block, inputs.window(i), self.device, dtype=self.compute_dtype)
+                run_block(block, inputs.window(i), self.device, dtype=self.compute_dtype, observe=observe)
             tracker.release()
         if tracker.unpaired:
             logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
@@ -270,6 +271,30 @@ class GPTQBlockQuantizer:
             results.update(part)
         return results
 
+    def _tune(self, block: nn.Module, targets: dict[str, nn.Module], results: dict[str, GPTQResult],
+              inputs: BlockInputs, outputs: torch.Tensor, index: int) -> None:
+        """Tune the group scales of the block's solved linear layers to its output (``tune``
+        epochs, :mod:`.block_tuning`); the target moves ``asymmetric`` of the way from the float
+        block's outputs on these inputs to the float model's own."""
+        if self.reference is not None and self.stage.asymmetric:
+            outputs = outputs.lerp_(self.reference.hidden.to(outputs.device, outputs.dtype), self.stage.asymmetric)
+        names = {name: targets[name] for name, r in results.items()
+                 if name not in self.rounded and isinstance(targets[name], nn.Linear)}
+        if not names:
+            return
+        norms = []
+        if self.stage.tune_norms:  # the block's norms (one-dimensional weights)
+            norms = [m.weight for m in block.modules() if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), nn.Parameter)
+                     and m.weight.dim() == 1 and m.weight.is_floating_point()]
+        tuned, before, after = tune_block_scales(block, names, {n: results[n].weight for n in names}, inputs, outputs,
+                                                 self.device, self.stage.tune, self.stage.tune_lr, self.compute_dtype,
+                                                 norms, self.stage.tune_codes)
+        for name, weight in tuned.items():
+            results[name].weight = weight
+            _set_weight(targets[name], weight)
+        logger.info("layer %d: block output error %.3e in the first epoch of scale tuning, %.3e in the last",
+                    index + 1, before, after)
+
     def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs,
                        index: int = 0) -> dict[str, GPTQResult]:
         """GPTQ every module of ``targets`` (names relative to ``block``, block number ``index``), in
@@ -289,13 +314,18 @@ class GPTQBlockQuantizer:
                 results.update(self._solve(tracker, targets, index, deferred))
         else:
             tracker = InputTracker(compute_dtype=self.compute_dtype)
+            outputs: list[torch.Tensor] = []  # the float block's outputs on these inputs (tune's target)
+            observe = (lambda x, out: outputs.append(out.detach().to(inputs.hidden.device, torch.float32))
+                       ) if self.stage.tune else None
             if self.reference is None:
                 with input_hooks(targets, tracker):
-                    run_block(block, inputs, self.device, dtype=self.compute_dtype)
+                    run_block(block, inputs, self.device, dtype=self.compute_dtype, observe=observe)
             else:
-                self._paired_pass(block, targets, inputs, tracker)
+                self._paired_pass(block, targets, inputs, tracker, observe)
             tracker.release()
             results.update(self._solve(tracker, targets, index, deferred))
+            if self.stage.tune:
+                self._tune(block, targets, results, inputs, torch.cat(outputs), index)
         for name in sorted(set(targets) - set(results) - deferred):  # never called by the forward pass
             results[name] = self.round(name, targets[name], "never reached by the calibration forward pass")
         return results
@@ -350,6 +380,16 @@ def quantize_gptq(
     if stage.asymmetric and shared.users:
         raise ValueError("asymmetric: calibration against the float model is not supported with layers that share "
                          "weights across blocks; set asymmetric: 0 (or drop the share stage)")
+    if stage.tune and shared.users:
+        raise ValueError("tune: block-wise scale tuning is not supported with layers that share weights across blocks "
+                         "(a block would retune what earlier blocks used); set tune: 0 (or drop the share stage)")
+    if stage.tune and distributed.active():
+        raise ValueError("tune: block-wise scale tuning runs in one process (each process would tune to its own "
+                         "windows); set tune: 0 or run GPTQ in one process")
+    if stage.tune_norms and resume is not None:
+        logger.warning("tune_norms: this GPTQ stage keeps no resume checkpoints (they hold the packed layers, not "
+                       "the tuned norms)")
+        resume = None
     if stage.asymmetric and resume is not None:
         # A checkpoint holds the quantized stream only; the float stream beside it would be lost.
         logger.warning("asymmetric: this GPTQ stage keeps no resume checkpoints (an interrupted run starts it over)")
@@ -390,6 +430,9 @@ def quantize_gptq(
         b, block = step.index, step.block
         targets_here = per_block.get(b, {})
         reference = None
+        if stage.tune and step.reached and step.inputs.calls is not None:
+            raise CalibrationError(f"tune: {type(model).__name__}'s blocks take token-dependent inputs (the calibration "
+                                   "replays the model), which block-wise scale tuning does not support; set tune: 0")
         if stage.asymmetric and step.reached:
             if step.inputs.calls is not None:
                 raise CalibrationError(f"asymmetric: {type(model).__name__}'s blocks take token-dependent inputs (the "
