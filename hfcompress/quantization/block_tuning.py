@@ -50,13 +50,13 @@ def _dequantize(weight: QuantizedWeight, log_scales: torch.Tensor, offsets: torc
     q = weight.q.float()
     if offsets is not None:
         moved = q + offsets
-        q = moved + ((moved.round().clamp(0, 2**weight.bits - 1)) - moved).detach()
+        q = moved + (_codes(weight, offsets) - moved).detach()
     return (q - zeros) * scales
 
 
 def _codes(weight: QuantizedWeight, offsets: torch.Tensor) -> torch.Tensor:
-    """The codes the offsets round to, in ``weight.q``'s dtype."""
-    return (weight.q.float() + offsets).round().clamp(0, 2**weight.bits - 1).to(weight.q.dtype)
+    """The codes the offsets round to, on the grid (float; the caller casts to ``weight.q``'s dtype)."""
+    return (weight.q.float() + offsets).round().clamp(0, 2**weight.bits - 1)
 
 
 def tune_block_scales(block: nn.Module, names: dict[str, nn.Module], weights: dict[str, QuantizedWeight],
@@ -120,6 +120,6 @@ def tune_block_scales(block: nn.Module, names: dict[str, nn.Module], weights: di
     tuned = {}
     for name, w in weights.items():
         scales = round_scale(log_scales[name].detach().exp(), w.scales.dtype).to(w.scales.dtype)
-        q = _codes(w, offsets[name].detach()) if offsets else w.q
+        q = _codes(w, offsets[name].detach()).to(w.q.dtype) if offsets else w.q
         tuned[name] = QuantizedWeight(q, scales, w.zeros, w.g_idx, w.bits, w.group_size, w.sym)
     return tuned, first, last

@@ -282,10 +282,10 @@ class GPTQBlockQuantizer:
                  if name not in self.rounded and isinstance(targets[name], nn.Linear)}
         if not names:
             return
-        norms = []
-        if self.stage.tune_norms:  # the block's norms (one-dimensional weights)
-            norms = [m.weight for m in block.modules() if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), nn.Parameter)
-                     and m.weight.dim() == 1 and m.weight.is_floating_point()]
+        norms = [m.weight for m in block.modules()  # the block's norms: one-dimensional float weights
+                 if self.stage.tune_norms and not isinstance(m, nn.Linear)
+                 and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1
+                 and m.weight.is_floating_point()]
         tuned, before, after = tune_block_scales(block, names, {n: results[n].weight for n in names}, inputs, outputs,
                                                  self.device, self.stage.tune, self.stage.tune_lr, self.compute_dtype,
                                                  norms, self.stage.tune_codes)
