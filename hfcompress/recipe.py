@@ -298,7 +298,7 @@ class QuantizeStage(_Section):
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
         "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential", "asymmetric", "refit",
-        "tune", "tune_lr", "tune_norms", "tune_codes")
+        "tune", "tune_lr", "tune_norms", "tune_codes", "tune_target")
 
     method: str = "rtn"
     bits: int = 4
@@ -326,6 +326,9 @@ class QuantizeStage(_Section):
     tune_lr: float = 1e-3  # Adam's learning rate for the scales' logarithms (cosine schedule)
     tune_norms: bool = False  # the block's norm weights (kept in float) train with the scales
     tune_codes: bool = False  # each code may move one grid step while the scales train (rounding learned)
+    # How far tuning's target moves from the float block's output on the quantized stream toward the
+    # float model's own output (None: as far as asymmetric moves each layer's GPTQ target).
+    tune_target: float | None = None
     awq: bool = False  # gptq only: fold AWQ's activation-aware scales in first (method awq: AWQ + rounding)
     overrides: list[FormatOverride] = field(default_factory=list)
 
@@ -350,6 +353,17 @@ class QuantizeStage(_Section):
     @property
     def needs_calibration(self) -> bool:
         return self.method in ("gptq", "awq")
+
+    @property
+    def tune_toward_float(self) -> float:
+        """The fraction of the way to the float model's output that block-wise tuning fits."""
+        return self.asymmetric if self.tune_target is None else self.tune_target
+
+    @property
+    def float_stream(self) -> bool:
+        """Whether GPTQ runs the float model's stream beside the quantized one (asymmetric
+        calibration, or a tuning target that moves toward the float model's output)."""
+        return bool(self.asymmetric or (self.tune and self.tune_toward_float))
 
     def validate(self):
         if self.method not in QUANTIZE_METHODS:
@@ -377,6 +391,12 @@ class QuantizeStage(_Section):
         for key in ("tune_norms", "tune_codes"):
             if getattr(self, key) and not self.tune:
                 raise RecipeError(f"{key}: true trains with the scales; set tune: (epochs) as well")
+        if self.tune_target is not None:
+            if not self.tune:
+                raise RecipeError("tune_target: sets block-wise tuning's target; set tune: (epochs) as well")
+            if isinstance(self.tune_target, bool) or not 0 <= self.tune_target <= 1:
+                raise RecipeError(f"tune_target: {shown(self.tune_target)} must lie in [0, 1] (0: the float block's "
+                                  "output on the quantized stream, 1: the float model's own output)")
         if not self.tune_lr > 0:
             raise RecipeError(f"tune_lr: {self.tune_lr} must be positive (a learning rate, 1e-3 by default)")
         if self.block_size <= 0:

@@ -100,6 +100,31 @@ def test_recipe_checks_the_tune_keys():
         QuantizeStage.from_dict({"method": "gptq", "tune_norms": True})
     with pytest.raises(RecipeError, match="tune: applies to method gptq only"):
         QuantizeStage.from_dict({"method": "rtn", "tune": 1})
+    with pytest.raises(RecipeError, match="tune_target: sets block-wise tuning's target; set tune"):
+        QuantizeStage.from_dict({"method": "gptq", "tune_target": 1})
+    with pytest.raises(RecipeError, match=r"tune_target: 1.5 must lie in \[0, 1\]"):
+        QuantizeStage.from_dict({"method": "gptq", "tune": 1, "tune_target": 1.5})
+    stage = QuantizeStage.from_dict({"method": "gptq", "tune": 1, "asymmetric": 0.25})
+    assert stage.tune_toward_float == 0.25 and stage.float_stream
+    stage = QuantizeStage.from_dict({"method": "gptq", "tune": 1, "tune_target": 1})
+    assert stage.tune_toward_float == 1 and stage.float_stream and not stage.asymmetric
+
+
+def test_tune_target_fits_the_float_model_s_own_output():
+    """With ``tune_target: 1`` (no asymmetric GPTQ) every block is tuned toward the float model's
+    stream, which runs beside the quantized one: the quantized model ends nearer the float model's
+    last hidden states on the calibration windows than when each block fits its float self."""
+    model = tiny_llama(num_hidden_layers=3)
+    stage = {"method": "gptq", "bits": 2, "group_size": 32, "tune": 6, "tune_lr": 1e-2}
+    with torch.no_grad():
+        float_out = model.model(DATA).last_hidden_state
+    errors = {}
+    for target in (0, 1):
+        tuned = hfcompress.compress(copy.deepcopy(model), {"stages": [{"quantize": {**stage, "tune_target": target}}]},
+                                    calibration_data=DATA)
+        with torch.no_grad():
+            errors[target] = float((tuned.model(DATA).last_hidden_state - float_out).pow(2).mean())
+    assert errors[1] < errors[0]
 
 
 def test_tune_norms_trains_the_block_norms_and_saves_them(tmp_path):

@@ -229,7 +229,7 @@ class GPTQBlockQuantizer:
             seen: dict[str, torch.Tensor] = {}
             with input_hooks(targets, seen.__setitem__):
                 run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
-            tracker.reference = seen
+            tracker.reference = seen if self.stage.asymmetric else None  # else only the float stream moves on
             with input_hooks(targets, tracker):
                 run_block(block, inputs.window(i), self.device, dtype=self.compute_dtype, observe=observe)
             tracker.release()
@@ -257,7 +257,7 @@ class GPTQBlockQuantizer:
             H, count = distributed.mean_over_ranks(H if H is not None else torch.zeros(size, size, device=self.device),
                                                    tracker.counts.get(leader, 0))
             cross = None
-            if self.reference is not None and leader not in unpaired:
+            if self.reference is not None and self.stage.asymmetric and leader not in unpaired:
                 C = tracker.cross.get(leader)
                 cross = distributed.mean_over_ranks(C if C is not None else torch.zeros_like(H),
                                                     tracker.counts.get(leader, 0))[0]
@@ -274,10 +274,11 @@ class GPTQBlockQuantizer:
     def _tune(self, block: nn.Module, targets: dict[str, nn.Module], results: dict[str, GPTQResult],
               inputs: BlockInputs, outputs: torch.Tensor, index: int) -> None:
         """Tune the group scales of the block's solved linear layers to its output (``tune``
-        epochs, :mod:`.block_tuning`); the target moves ``asymmetric`` of the way from the float
-        block's outputs on these inputs to the float model's own."""
-        if self.reference is not None and self.stage.asymmetric:
-            outputs = outputs.lerp_(self.reference.hidden.to(outputs.device, outputs.dtype), self.stage.asymmetric)
+        epochs, :mod:`.block_tuning`); the target moves ``tune_target`` (default: ``asymmetric``)
+        of the way from the float block's outputs on these inputs to the float model's own."""
+        toward = self.stage.tune_toward_float
+        if self.reference is not None and toward:
+            outputs = outputs.lerp_(self.reference.hidden.to(outputs.device, outputs.dtype), toward)
         names = {name: targets[name] for name, r in results.items()
                  if name not in self.rounded and isinstance(targets[name], nn.Linear)}
         if not names:
@@ -390,9 +391,10 @@ def quantize_gptq(
         logger.warning("tune_norms: this GPTQ stage keeps no resume checkpoints (they hold the packed layers, not "
                        "the tuned norms)")
         resume = None
-    if stage.asymmetric and resume is not None:
+    if stage.float_stream and resume is not None:
         # A checkpoint holds the quantized stream only; the float stream beside it would be lost.
-        logger.warning("asymmetric: this GPTQ stage keeps no resume checkpoints (an interrupted run starts it over)")
+        logger.warning("%s: this GPTQ stage keeps no resume checkpoints (an interrupted run starts it over)",
+                       "asymmetric" if stage.asymmetric else "tune_target")
         resume = None
     start = resume.done() if resume is not None else 0
 
@@ -433,8 +435,8 @@ def quantize_gptq(
         if stage.tune and step.reached and step.inputs.calls is not None:
             raise CalibrationError(f"tune: {type(model).__name__}'s blocks take token-dependent inputs (the calibration "
                                    "replays the model), which block-wise scale tuning does not support; set tune: 0")
-        if stage.asymmetric and step.reached:
-            if step.inputs.calls is not None:
+        if stage.float_stream and step.reached:
+            if step.inputs.calls is not None:  # tune's own refusal above covers tune_target
                 raise CalibrationError(f"asymmetric: {type(model).__name__}'s blocks take token-dependent inputs (the "
                                        "calibration replays the model), so no float stream runs beside the quantized "
                                        "one; set asymmetric: 0")
