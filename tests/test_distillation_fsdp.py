@@ -11,6 +11,7 @@ lifts that one choice so that the real Trainer + accelerate + FSDP2 path runs he
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -83,8 +84,17 @@ def _worker(rank: int, world: int, port: int, folder: str, fsdp: bool) -> None:
 
 
 def _run(folder, fsdp: bool) -> list[dict]:
-    folder.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(folder), fsdp), nprocs=2)
+    for attempt in range(2):
+        folder.mkdir()
+        try:
+            mp.spawn(_worker, args=(2, _free_port(), str(folder), fsdp), nprocs=2)
+            break
+        except mp.ProcessExitedException as error:
+            # About one run in 15 here, a gloo process dies of SIGABRT in its transport (not in the
+            # code under test, which raises Python errors): one retry, on a fresh port and folder.
+            if attempt or error.signal_name != "SIGABRT":
+                raise
+            shutil.rmtree(folder)
     return [load_file(folder / f"rank{r}.safetensors") for r in range(2)]
 
 
