@@ -225,11 +225,12 @@ class GPTQBlockQuantizer:
         """Each window through the float block twice: from the float model's stream (its layers'
         inputs become the tracker's reference; the outputs move that stream on) and from the
         quantized model's stream (Hessians and cross products)."""
+        watched = targets if self.stage.asymmetric else {}  # else (tune_target) only the float stream moves on
         for i in range(len(inputs)):
             seen: dict[str, torch.Tensor] = {}
-            with input_hooks(targets, seen.__setitem__):
+            with input_hooks(watched, seen.__setitem__):
                 run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
-            tracker.reference = seen if self.stage.asymmetric else None  # else only the float stream moves on
+            tracker.reference = seen if watched else None
             with input_hooks(targets, tracker):
                 run_block(block, inputs.window(i), self.device, dtype=self.compute_dtype, observe=observe)
             tracker.release()
