@@ -58,6 +58,9 @@ def parse_args():
     parser.add_argument("--extra-windows", type=int, default=20)
     parser.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
     parser.add_argument("--skip-bnb", action="store_true", help="do not run the bitsandbytes baselines")
+    parser.add_argument("--skip-int8", action="store_true", help="run bitsandbytes NF4 but not LLM.int8()")
+    parser.add_argument("--skip-peer-eval", action="store_true",
+                        help="time llm-compressor's quantization but do not evaluate its model (saves ~13 minutes)")
     parser.add_argument("--skip-rtn", action="store_true", help="do not evaluate our RTN baseline")
     parser.add_argument("--mse", action="store_true", help="our GPTQ searches each group's clipping range")
     parser.add_argument("--skip-unquantized", action="store_true",
@@ -160,7 +163,7 @@ def main():
     for name in extras:
         record(f"hfcompress_{name}", AutoModelForCausalLM.from_pretrained(results["models"][f"hfcompress_{name}"]["folder"]),
                extra_texts=True)
-    if not args.skip_peer:
+    if not args.skip_peer and not args.skip_peer_eval:
         record("llmcompressor_gptq",
                AutoModelForCausalLM.from_pretrained(results["models"]["llmcompressor_gptq"]["folder"]), extra_texts=True)
     if not args.skip_rtn:
@@ -178,9 +181,10 @@ def main():
         nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         record("bitsandbytes_nf4", AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=nf4),
                note="blocks of 64 (bitsandbytes' fixed 4-bit block size), quantized on the fly")
-        int8 = BitsAndBytesConfig(load_in_8bit=True)
-        record("bitsandbytes_int8", AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=int8),
-               note="LLM.int8(), quantized on the fly")
+        if not args.skip_int8:
+            int8 = BitsAndBytesConfig(load_in_8bit=True)
+            record("bitsandbytes_int8", AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=int8),
+                   note="LLM.int8(), quantized on the fly")
 
     text = json.dumps(results, indent=2)
     print(text)
