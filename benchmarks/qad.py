@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, save_windows, weights_bytes  # noqa: E402
+from common import base_parser, named_recipes, save_windows, weights_bytes  # noqa: E402
 from training import CLOCK_FILE, Phases, add_training_arguments, prepare, save_atomically, train, training_arguments, \
     training_protocol  # noqa: E402
 
@@ -39,15 +39,25 @@ def parse_args():
     parser.set_defaults(lr=1e-3)  # a relative step of the scales (they train as their logarithm)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4], choices=sorted(RECIPES))
     parser.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows of 2048 tokens")
+    parser.add_argument("--recipe", action="append", default=[], metavar="BITS=RECIPE",
+                        help="quantize the BITS-bit model with this recipe (a bundled name or a YAML file) instead "
+                             "of the bundled GPTQ one; use a --work of its own per recipe")
+    parser.add_argument("--skip-ce", action="store_true", help="train with QAD only, not the cross-entropy baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where GPTQ, training and evaluation run (Trainer takes the GPU when there is one)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.recipes = dict(RECIPES)
+    for bits, recipe in named_recipes(parser, args.recipe).items():
+        if not bits.isdigit() or int(bits) not in RECIPES:
+            parser.error(f"--recipe {bits}={recipe}: BITS is one of {sorted(RECIPES)}")
+        args.recipes[int(bits)] = recipe
+    return args
 
 
 def protocol_of(args, steps: int) -> dict:
     return {
         "teacher": "SmolLM2-135M-Instruct (bundled GGUF, float32)",
-        "quantized": {bits: f"recipe {RECIPES[bits]}, {args.samples} x 2048 austen/ windows (seed 0)"
+        "quantized": {bits: f"recipe {args.recipes[bits]}, {args.samples} x 2048 austen/ windows (seed 0)"
                       for bits in args.bits},
         "trained": "group scales only (log-parameterized); codes, norms, embeddings frozen",
         "training": training_protocol(args, steps),
@@ -86,7 +96,7 @@ def main():
             windows = save_windows(tokenizer, args.data / "austen", args.samples, 2048, 0,
                                    args.work / "windows.safetensors")
             model = AutoModelForCausalLM.from_pretrained(checkpoint)
-            hfcompress.compress(model, RECIPES[bits], calibration_data=windows, device=device)
+            hfcompress.compress(model, args.recipes[bits], calibration_data=windows, device=device)
             save_atomically(model, folder)
         return folder
 
@@ -126,7 +136,8 @@ def main():
             phases.record(name, wikitext2_ppl=ppl(load(folder)),
                           weight_bytes=weights_bytes(folder))
         heal(f"qad-w{bits}", bits, distill=True)
-        heal(f"ce-w{bits}", bits, distill=False)
+        if not args.skip_ce:
+            heal(f"ce-w{bits}", bits, distill=False)
 
     results = phases.results
     m = results["models"]
@@ -135,7 +146,7 @@ def main():
         gap = m[f"gptq-w{bits}"]["wikitext2_ppl"] - m["teacher"]["wikitext2_ppl"]
         results["gap_closed"][f"w{bits}"] = {
             method: round((m[f"gptq-w{bits}"]["wikitext2_ppl"] - m[f"{method}-w{bits}"]["wikitext2_ppl"]) / gap, 4)
-            for method in ("qad", "ce")}
+            for method in ("qad", "ce") if f"{method}-w{bits}" in m}
     phases.finish(args.json)
 
 
