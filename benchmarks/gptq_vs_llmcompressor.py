@@ -4,7 +4,7 @@ One run, one machine, one checkpoint, one set of calibration windows, one evalua
 
 1. The bundled SmolLM2-135M-Instruct is written once as a float32 safetensors folder; both tools
    load that folder. 32 calibration windows of 2048 tokens are drawn from the Austen novels
-   (seed 0) and saved to a file that both tools read as is.
+   (seed 0, or `--seed`) and saved to a file that both tools read as is.
 2. hfcompress (`hfcompress compress ... --calibration-data windows.safetensors`) and
    llm-compressor (its own virtual environment, `benchmarks/peers/`) quantize to 4-bit, group 64,
    symmetric, static act-order, each in its own process: wall time (load + quantize + save) and
@@ -52,6 +52,7 @@ def parse_args():
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn from austen/")
     parser.add_argument("--eval-windows", type=int, help="evaluate only the first N WikiText-2 windows")
     parser.add_argument("--extra-eval", type=Path, action="append", default=[],
                         help="another text to evaluate GPTQ and RTN on (first --extra-windows windows)")
@@ -62,6 +63,8 @@ def parse_args():
     parser.add_argument("--skip-peer-eval", action="store_true",
                         help="time llm-compressor's quantization but do not evaluate its model (saves ~13 minutes)")
     parser.add_argument("--skip-rtn", action="store_true", help="do not evaluate our RTN baseline")
+    parser.add_argument("--skip-gptq", action="store_true",
+                        help="run only the --recipe rows of ours, not this run's plain GPTQ recipe")
     parser.add_argument("--mse", action="store_true", help="our GPTQ searches each group's clipping range")
     parser.add_argument("--skip-unquantized", action="store_true",
                         help="do not evaluate the unquantized model (another run already did)")
@@ -124,23 +127,27 @@ def main():
     import hfcompress
 
     checkpoint, tokenizer = prepare_checkpoint(args.work)
-    windows_file = args.work / "calibration-windows.safetensors"
-    save_windows(tokenizer, args.data / "austen", args.samples, args.seq_len, 0, windows_file)
+    windows_file = args.work / ("calibration-windows.safetensors" if args.seed == 0
+                                else f"calibration-windows-seed{args.seed}.safetensors")
+    save_windows(tokenizer, args.data / "austen", args.samples, args.seq_len, args.seed, windows_file)
     wiki = hfcompress.evaluation.tokenize(tokenizer, args.data / "wikitext-2-raw" / "wiki.test.raw")
     extra = {p.name: hfcompress.evaluation.tokenize(tokenizer, p) for p in args.extra_eval}
     results: dict = {"protocol": {
         "model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "bits": args.bits, "group_size": args.group_size,
-        "sym": True, "act_order": "static", "calibration": f"{args.samples} x {args.seq_len} tokens of austen/, seed 0",
+        "sym": True, "act_order": "static",
+        "calibration": f"{args.samples} x {args.seq_len} tokens of austen/, seed {args.seed}",
         "evaluation": f"WikiText-2 raw test, 2048-token windows, {args.eval_windows or 'all'} windows",
         "torch_threads": torch.get_num_threads()}, "models": {}}
 
     # 1. Quantization, each tool alone in its own process (nothing else runs meanwhile).
-    results["models"]["hfcompress_gptq"] = run_ours(args, checkpoint, windows_file)
+    if not args.skip_gptq:
+        results["models"]["hfcompress_gptq"] = run_ours(args, checkpoint, windows_file)
     extras = args.recipe
     for name, recipe in extras.items():
         results["models"][f"hfcompress_{name}"] = run_ours(args, checkpoint, windows_file, recipe, name)
     if not args.skip_peer:
         results["models"]["llmcompressor_gptq"] = run_peer(args, checkpoint, windows_file)
+    if not args.skip_peer and not args.skip_gptq:
         ours, peer = results["models"]["hfcompress_gptq"], results["models"]["llmcompressor_gptq"]
         results["ratios"] = {"time_hfcompress_over_llmcompressor": round(ours["seconds"] / peer["seconds"], 3),
                              "peak_rss_hfcompress_over_llmcompressor":
@@ -158,8 +165,9 @@ def main():
     if not args.skip_unquantized:
         record("unquantized", AutoModelForCausalLM.from_pretrained(checkpoint), extra_texts=True,
                weights_bytes=(checkpoint / "model.safetensors").stat().st_size)
-    record("hfcompress_gptq", AutoModelForCausalLM.from_pretrained(results["models"]["hfcompress_gptq"]["folder"]),
-           extra_texts=True)
+    if not args.skip_gptq:
+        record("hfcompress_gptq", AutoModelForCausalLM.from_pretrained(results["models"]["hfcompress_gptq"]["folder"]),
+               extra_texts=True)
     for name in extras:
         record(f"hfcompress_{name}", AutoModelForCausalLM.from_pretrained(results["models"][f"hfcompress_{name}"]["folder"]),
                extra_texts=True)

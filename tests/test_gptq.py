@@ -151,24 +151,3 @@ def test_stacked_rows_get_exactly_their_own_result():
     assert torch.equal(part.q, alone.weight.q) and torch.equal(part.scales, alone.weight.scales)
     assert torch.equal(part.zeros, alone.weight.zeros) and torch.equal(part.g_idx, alone.weight.g_idx)
 
-
-@pytest.mark.parametrize("sym", [True, False])
-def test_clipping_search_matches_the_search_over_shrunk_ranges(sym):
-    """Each candidate is the full range's scale times the shrink factor, with the zero point kept:
-    the same grids as computing the range of the shrunk weights, candidate by candidate."""
-    torch.manual_seed(7)
-    w = torch.randn(48, 64) + (0 if sym else 0.7)
-    w[:, 3] *= 5
-    w[5] = 0  # an empty row keeps a usable scale
-    energy = torch.rand(64) + 0.1
-    scale, zero = find_scale_zero_mse(w, 3, sym, column_weight=energy)
-    best_err = torch.full((48,), float("inf"))
-    best_scale, best_zero = find_scale_zero(w, 3, sym)
-    for i in range(80):
-        s, z = find_scale_zero(w * (1 - i / 100), 3, sym)
-        err = ((s[:, None] * (quantize(w, s, z, 7) - z[:, None]) - w).abs().pow(2.4) * energy).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
-    assert torch.equal(zero, best_zero) and bool((scale > 0).all())
-    assert torch.allclose(scale, best_scale, rtol=1e-6)

@@ -85,22 +85,22 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     """
     w = w.float()
     maxq = 2**bits - 1
-    # Shrinking the range by p moves both of its ends by p: the scale shrinks by p and the zero
-    # point (-min / scale) stays. So every candidate is the full range's scale times p, and the
-    # search only rounds and measures (no range per candidate).
-    full_scale, zero = find_scale_zero(w, bits, sym)
-    weight = torch.ones(w.shape[1], device=w.device) if column_weight is None else column_weight.float()
+    # Each candidate's grid is computed from the shrunk weights themselves. Scaling the full range's
+    # scale by p gives the same grids up to float rounding, but those one-ulp differences flip codes
+    # that later blocks' calibration amplifies (benchmarks/README.md, "Issue 20's rows").
+    best_scale, best_zero = find_scale_zero(w, bits, sym)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
-    best_shrink = torch.ones_like(full_scale)
     for i in range(int(max_shrink * grid)):
         p = 1 - i / grid
-        scale = full_scale * p
+        scale, zero = find_scale_zero(w * p, bits, sym)
         q = quantize(w, scale, zero, maxq)
-        err = q.sub_(zero[:, None]).mul_(scale[:, None]).sub_(w).abs_().pow_(norm) @ weight
+        err = (scale[:, None] * (q - zero[:, None]) - w).abs() ** norm
+        err = (err if column_weight is None else err * column_weight).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_shrink = torch.where(better, p, best_shrink)
-    return full_scale * best_shrink, zero
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
