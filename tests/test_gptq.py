@@ -151,3 +151,27 @@ def test_stacked_rows_get_exactly_their_own_result():
     assert torch.equal(part.q, alone.weight.q) and torch.equal(part.scales, alone.weight.scales)
     assert torch.equal(part.zeros, alone.weight.zeros) and torch.equal(part.g_idx, alone.weight.g_idx)
 
+
+
+@pytest.mark.parametrize("sym,bits,budget", [(True, 4, 1 << 26), (False, 3, 1 << 26), (True, 3, 5000)])
+def test_clipping_search_equals_measuring_each_shrunk_range(sym, bits, budget):
+    """All candidates at once (and in chunks, with a small budget) give bit for bit the grids of
+    the scan that measures the range of ``w * p`` candidate by candidate, ties keeping the wider."""
+    torch.manual_seed(7)
+    w = torch.randn(48, 64) * 0.03 + (0 if sym else 0.01)
+    w[:, 3] *= 5
+    w[5] = 0  # an empty row keeps a usable scale
+    w[9] = w[9].round()  # coarse values: several shrink factors tie
+    energy = torch.rand(64) + 0.1
+    scale, zero = find_scale_zero_mse(w, bits, sym, column_weight=energy, budget=budget)
+    maxq = 2**bits - 1
+    best_scale, best_zero = find_scale_zero(w, bits, sym)
+    best_err = torch.full((48,), float("inf"))
+    for i in range(80):
+        s, z = find_scale_zero(w * (1 - i / 100), bits, sym)
+        err = ((s[:, None] * (quantize(w, s, z, maxq) - z[:, None]) - w).abs() ** 2.4 * energy).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
+    assert torch.equal(scale, best_scale) and torch.equal(zero, best_zero)
+    assert bool((scale > 0).all())

@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from .grid import QuantizedWeight, find_scale_zero, quantize, round_scale
+from .grid import QuantizedWeight, find_scale_zero, quantize, round_scale, scale_zero_of_range
 
 logger = logging.getLogger(__name__)
 
@@ -77,29 +77,35 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, count: int,
 
 
 def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
-                        norm: float = 2.4, column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        norm: float = 2.4, column_weight: torch.Tensor | None = None,
+                        budget: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`find_scale_zero`, but shrink the range while the ``norm``-error drops.
 
     Tries ``grid`` ranges from the full one down to ``1 - max_shrink`` of it (the GPTQ code's
-    search); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes ``diag(H)``).
+    search); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes ``diag(H)``). Ties
+    keep the wider range. Candidates are measured together, ``budget`` bytes of them at a time.
     """
     w = w.float()
     maxq = 2**bits - 1
-    # Each candidate's grid is computed from the shrunk weights themselves. Scaling the full range's
-    # scale by p gives the same grids up to float rounding, but those one-ulp differences flip codes
-    # that later blocks' calibration amplifies (benchmarks/README.md, "Issue 20's rows").
-    best_scale, best_zero = find_scale_zero(w, bits, sym)
+    # Candidate p's grid spans the shrunk weights w * p. Rounding is monotonic, so their range is
+    # exactly (p * min, p * max): every candidate's grid comes from the row's ends, bit for bit the
+    # grid that measuring w * p gives. (Scaling the full range's scale by p instead differs by an
+    # ulp here and there, and the codes those ulps flip are amplified by later blocks' calibration:
+    # benchmarks/README.md, "Issue 20's rows".)
+    low, high = torch.aminmax(w, dim=1)
+    shrinks = torch.tensor([1 - i / grid for i in range(int(max_shrink * grid))], device=w.device)
+    best_scale, best_zero = scale_zero_of_range(low, high, bits, sym)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
-    for i in range(int(max_shrink * grid)):
-        p = 1 - i / grid
-        scale, zero = find_scale_zero(w * p, bits, sym)
-        q = quantize(w, scale, zero, maxq)
-        err = (scale[:, None] * (q - zero[:, None]) - w).abs() ** norm
-        err = (err if column_weight is None else err * column_weight).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+    for part in shrinks.split(max(1, budget // (4 * w.numel()))):
+        scale, zero = scale_zero_of_range(low * part[:, None], high * part[:, None], bits, sym)  # [c, N]
+        q = torch.round(w / scale[..., None]).add_(zero[..., None]).clamp_(0, maxq)
+        err = q.sub_(zero[..., None]).mul_(scale[..., None]).sub_(w).abs_().pow_(norm)
+        err = (err if column_weight is None else err.mul_(column_weight)).sum(-1)
+        least, pick = err.min(0)  # the first (widest) of equal errors, as a scan with < would keep
+        better = least < best_err
+        best_err = torch.where(better, least, best_err)
+        best_scale = torch.where(better, scale.gather(0, pick[None])[0], best_scale)
+        best_zero = torch.where(better, zero.gather(0, pick[None])[0], best_zero)
     return best_scale, best_zero
 
 

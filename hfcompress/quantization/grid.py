@@ -42,10 +42,16 @@ def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
 
 def find_scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point per row of ``w`` ``[N, k]`` -> (``[N]`` float32, ``[N]`` float32)."""
+    low, high = torch.aminmax(w.float(), dim=1)  # one pass over w instead of two
+    return scale_zero_of_range(low, high, bits, sym)
+
+
+def scale_zero_of_range(low: torch.Tensor, high: torch.Tensor, bits: int,
+                        sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of the grids whose weights span ``[low, high]`` (float32 tensors
+    of any one shape; the grid always holds 0)."""
     maxq = 2**bits - 1
-    w = w.float()
-    zero_col = torch.zeros(w.shape[0], device=w.device)
-    low, high = torch.aminmax(w, dim=1)  # one pass over w instead of two
+    zero_col = torch.zeros_like(low)
     wmin = torch.minimum(low, zero_col)
     wmax = torch.maximum(high, zero_col)
     if sym:
