@@ -98,8 +98,7 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     for part in shrinks.split(max(1, budget // (4 * w.numel()))):
         scale, zero = scale_zero_of_range(low * part[:, None], high * part[:, None], bits, sym)  # [c, N]
-        q = torch.round(w / scale[..., None]).add_(zero[..., None]).clamp_(0, maxq)
-        err = q.sub_(zero[..., None]).mul_(scale[..., None]).sub_(w).abs_().pow_(norm)
+        err = quantize(w, scale, zero, maxq).sub_(zero[..., None]).mul_(scale[..., None]).sub_(w).abs_().pow_(norm)
         err = (err if column_weight is None else err.mul_(column_weight)).sum(-1)
         least, pick = err.min(0)  # the first (widest) of equal errors, as a scan with < would keep
         better = least < best_err

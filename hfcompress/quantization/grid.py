@@ -80,8 +80,9 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Round ``w`` ``[N, k]`` onto the grid of per-row ``scale``/``zero`` ``[N]``; returns float codes."""
-    return torch.clamp(torch.round(w.float() / scale[:, None]) + zero[:, None], 0, maxq)
+    """Round ``w`` ``[N, k]`` onto the grid of per-row ``scale``/``zero`` ``[..., N]`` (leading dims:
+    several grids at once); returns float codes ``[..., N, k]``."""
+    return torch.round(w.float() / scale[..., None]).add_(zero[..., None]).clamp_(0, maxq)  # in place: one buffer
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
