@@ -159,6 +159,11 @@ class BlockInputs:
         x = _to(self.hidden[i : i + 1], device, dtype)
         return (x, *_to(self.args, device, dtype)), {k: _to(v, device, dtype) for k, v in self.kwargs.items()}
 
+    def call_all(self, device: torch.device, dtype: torch.dtype | None = None) -> tuple[tuple, dict]:
+        """Every window of chained inputs in one call (what they share broadcasts over the windows)."""
+        x = _to(self.hidden, device, dtype)
+        return (x, *_to(self.args, device, dtype)), {k: _to(v, device, dtype) for k, v in self.kwargs.items()}
+
     def window(self, i: int) -> BlockInputs:
         """Window ``i`` alone (chained: a view, so a run with ``update`` writes into these inputs)."""
         if self.calls is not None:
@@ -372,6 +377,19 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, updat
             inputs.hidden[i : i + 1] = out.to(inputs.hidden.device, inputs.hidden.dtype)
 
 
+@torch.no_grad()
+def run_block_together(block: nn.Module, inputs: BlockInputs, device: torch.device,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every window of chained ``inputs`` through ``block`` in one call; returns the block's outputs
+    ``[windows, seq_len, hidden]`` (float32 where ``dtype`` is, as :func:`run_block` computes). A hook
+    then sees every window's input at once, at the cost of all windows' activations in memory."""
+    if inputs.calls is not None:
+        raise ValueError("run_block_together takes chained inputs (one hidden-state tensor for all windows)")
+    args, kwargs = inputs.call_all(device, torch.float32 if dtype == torch.float32 else None)
+    with compute_context(device, dtype):
+        return block_output(block(*args, **kwargs))
+
+
 def _to(value, device, dtype: torch.dtype | None = None):
     if isinstance(value, torch.Tensor):
         return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
@@ -394,6 +412,9 @@ class BlockStep:
     inputs: BlockInputs
     hooks: list = field(default_factory=list)  # handles the walk's own pass runs, then removes
     reached: bool = True  # False: the forward pass skips this block (cross-attention without an image)
+    # Set by the caller once it has written the block's outputs over the (chained) inputs itself:
+    # the walk's own pass is then skipped.
+    outputs_written: bool = False
 
 
 def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | None = None,
@@ -403,7 +424,8 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
 
     After the caller's work on a step, the walk runs the windows through the block again (so the
     next block sees its outputs as the caller left it; hooks the caller put in ``step.hooks`` see
-    this pass and are removed after it), calls ``after(step)`` (the inputs now hold the next
+    this pass and are removed after it), unless the caller has written the outputs over the
+    inputs itself (``step.outputs_written``), calls ``after(step)`` (the inputs now hold the next
     block's hidden states) and moves the block back to the offload device.
     ``restore(hidden)`` runs first when resuming at ``start``: it puts back what earlier blocks
     became, and the hidden states at block ``start`` of a chained walk (``None`` when replaying).
@@ -453,7 +475,10 @@ def walk_blocks(model: nn.Module, windows: torch.Tensor, device: torch.device | 
                 yield step
                 watch = (lambda x, out, b=b: observe(b, x, out)) if observe is not None else None
                 try:
-                    if chained or watch is not None or step.hooks:
+                    if step.outputs_written and (watch is not None or step.hooks):
+                        raise RuntimeError("walk_blocks: a step whose outputs the caller wrote runs no pass for "
+                                           "observe or step.hooks to see")
+                    if not step.outputs_written and (chained or watch is not None or step.hooks):
                         run_block(step.block, inputs, device, update=chained, dtype=dtype, observe=watch)
                 finally:
                     for handle in step.hooks:

@@ -381,9 +381,6 @@ class QuantizeStage(_Section):
         if not 0 <= self.asymmetric <= 1:
             raise RecipeError(f"asymmetric: {self.asymmetric} must lie in [0, 1] (0: plain GPTQ, 1: match the float "
                               "model's outputs)")
-        if self.asymmetric and self.true_sequential:
-            raise RecipeError("asymmetric: calibration against the float model runs with true_sequential: false; "
-                              "set one of them off")
         if self.tune < 0:
             raise RecipeError(f"tune: {self.tune} must be a number of epochs, 0 (no tuning) or more")
         if self.tune and self.true_sequential:

@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import hfcompress
-from hfcompress.calibration import BlockInputs, run_block, walk_blocks
+from hfcompress.calibration import BlockInputs, input_hooks, run_block, walk_blocks
 from hfcompress.models import decoder_blocks
 from hfcompress.quantization.gptq import (accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales,
                                           relative_error)
@@ -101,8 +101,6 @@ def test_asymmetric_refit_gptq_saves_and_reloads_like_plain_gptq(tmp_path):
 def test_recipe_checks_the_asymmetric_and_refit_keys():
     with pytest.raises(RecipeError, match=r"asymmetric: 2 must lie in \[0, 1\]"):
         QuantizeStage.from_dict({"method": "gptq", "asymmetric": 2})
-    with pytest.raises(RecipeError, match="true_sequential: false"):
-        QuantizeStage.from_dict({"method": "gptq", "asymmetric": 0.5, "true_sequential": True})
     with pytest.raises(RecipeError, match="refit: applies to method gptq only"):
         QuantizeStage.from_dict({"method": "rtn", "refit": True})
 
@@ -112,3 +110,80 @@ def test_asymmetric_is_refused_for_weights_shared_across_blocks():
                          {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "asymmetric": 1}}]}
     with pytest.raises(ValueError, match="asymmetric: calibration against the float model is not supported"):
         hfcompress.compress(tiny_llama(), recipe, calibration_data=DATA)
+
+
+@pytest.mark.parametrize("asymmetric", [0, 0.25])
+def test_true_sequential_solves_each_group_on_the_quantized_groups_before_it_in_one_pass(monkeypatch, asymmetric):
+    """One batched call of the block: each group's Hessian is that of its inputs computed through the
+    groups solved before it, its cross product pairs them with the float model's inputs, and the
+    call's outputs are the quantized block's, ready for the next block."""
+    cpu = torch.device("cpu")
+    stage = QuantizeStage.from_dict({"method": "gptq", "bits": 3, "group_size": 32, "true_sequential": True,
+                                     "asymmetric": asymmetric})
+    step = next(walk_blocks(tiny_llama(), DATA))
+    block, inputs = step.block, step.inputs
+    float_block = copy.deepcopy(block)
+    linears = lambda b: {name: m for name, m in b.named_modules() if isinstance(m, torch.nn.Linear)}  # noqa: E731
+    original = BlockInputs(inputs.hidden.clone(), inputs.kwargs, inputs.args)
+    reference = BlockInputs(inputs.hidden.clone(), inputs.kwargs, inputs.args) if asymmetric else None
+    seen = {}
+    solve = GPTQBlockQuantizer._quantize_group
+
+    def spy(self, group, H, count, index, deferred, cross=None):
+        seen[next(iter(group))] = (H.clone(), cross if cross is None else cross.clone())
+        return solve(self, group, H, count, index, deferred, cross)
+
+    monkeypatch.setattr(GPTQBlockQuantizer, "_quantize_group", spy)
+    quantizer = GPTQBlockQuantizer(stage, cpu, reference=reference)
+    quantizer.quantize_block(block, linears(block), inputs)
+    assert list(seen) == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert torch.equal(inputs.hidden, original.hidden)  # the caller writes the outputs over them
+
+    # Window by window through the block as quantized (a group's inputs depend on earlier groups
+    # only), paired with the float block's inputs on the float stream (here the same hidden states).
+    quantized, floats = InputTracker(), InputTracker()
+    for i in range(len(original)):
+        float_inputs = {}
+        with input_hooks(linears(float_block), float_inputs.__setitem__):
+            run_block(float_block, original.window(i), cpu)
+        with input_hooks(linears(float_block), floats):
+            run_block(float_block, original.window(i), cpu)
+        quantized.reference = float_inputs
+        with input_hooks(linears(block), quantized):
+            run_block(block, original.window(i), cpu)
+        quantized.release()
+        floats.release()
+    for leader, (H, cross) in seen.items():
+        assert torch.allclose(H, quantized.hessians[leader], rtol=1e-4, atol=1e-6), leader
+        if asymmetric:
+            assert torch.allclose(cross, quantized.cross[leader], rtol=1e-4, atol=1e-6), leader
+        else:
+            assert cross is None
+    # o_proj's inputs came through the quantized q/k/v, not the float ones.
+    assert not torch.allclose(seen["self_attn.o_proj"][0], floats.hessians["self_attn.o_proj"], rtol=1e-3)
+    expected = BlockInputs(original.hidden.clone(), inputs.kwargs, inputs.args)
+    run_block(block, expected, cpu, update=True)
+    assert torch.allclose(quantizer.block_outputs, expected.hidden, atol=1e-5)
+    if asymmetric:  # the float stream moved on through the float block
+        run_block(float_block, original, cpu, update=True)
+        assert torch.allclose(reference.hidden, original.hidden, atol=1e-6)
+
+
+def test_true_sequential_in_one_pass_matches_the_pass_per_group(monkeypatch):
+    """Chained, the windows go through each block once, together; replayed, once per group and once
+    more for the next block. Both quantize the same model, up to float summation order."""
+    from hfcompress import calibration
+
+    recipe = {"stages": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "true_sequential": True}}]}
+    together = tiny_llama()
+    hfcompress.compress(together, recipe, calibration_data=DATA)
+    monkeypatch.setattr(calibration, "_chainable", lambda *args: False)
+    per_group = tiny_llama()
+    hfcompress.compress(per_group, recipe, calibration_data=DATA)
+    codes = [(a.qweight == b.qweight).float().mean() for a, b in zip(
+        (m for m in together.modules() if isinstance(m, hfcompress.QuantLinear)),
+        (m for m in per_group.modules() if isinstance(m, hfcompress.QuantLinear)))]
+    assert len(codes) == 7 * len(decoder_blocks(together))
+    assert min(codes) > 0.97  # words of 8 codes: a flip from summation order shows here
+    probe = DATA[:2]
+    assert torch.allclose(together(probe).logits, per_group(probe).logits, atol=1e-3, rtol=1e-3)

@@ -6,10 +6,14 @@ layers are quantized:
 - linear layers that read the same input tensor (q/k/v, gate/up) share one Hessian, found by
   identity of the input tensor while the block runs, so no per-family list is needed;
 - with ``true_sequential`` the groups of a block are quantized in the order the forward pass
-  reaches them, each with a Hessian of inputs computed through the already quantized groups
-  (the forward stops right after the group, so later layers cost nothing);
-- after a block is quantized the calibration windows run through it again, and its quantized
-  outputs feed the next block;
+  reaches them, each with a Hessian of inputs computed through the already quantized groups. On a
+  chained walk every window goes through the block in one batched call: a pre-hook on each
+  group's first layer solves the group from all windows' inputs and the call goes on with its
+  quantized weights, so the call's outputs are already the next block's inputs (one block
+  forward per window instead of two, for all windows' activations in memory at once). A replayed
+  walk (or several processes) runs the windows up to each group in turn instead;
+- otherwise, after a block is quantized the calibration windows run through it again, and its
+  quantized outputs feed the next block;
 - a module that several blocks share (``share`` stage) is quantized once, at its last user, with
   the Hessians of all its users accumulated together; until then its users compute with the
   float weights;
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import BlockInputs, input_hooks, run_block, walk_blocks
+from ..calibration import BlockInputs, input_hooks, run_block, run_block_together, walk_blocks
 from .. import distributed
 from ..residency import home_device
 from ..errors import CalibrationError
@@ -148,6 +152,8 @@ class GPTQBlockQuantizer:
         self.formats = formats or {}
         self.default_format = stage.linear_format(None)
         self.rounded: dict[str, str] = {}  # module -> why it was rounded (RTN) instead of solved
+        # The quantized block's outputs, when quantize_block computed them on its way (one pass).
+        self.block_outputs: torch.Tensor | None = None
 
     def format_of(self, name: str) -> LinearFormat:
         return self.formats.get(name, self.default_format)
@@ -238,6 +244,59 @@ class GPTQBlockQuantizer:
             logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
                         "tokens to them)", ", ".join(sorted(tracker.unpaired)))
 
+    def _float_inputs(self, block: nn.Module, leaders: dict[str, nn.Module], windows: int) -> dict[str, torch.Tensor]:
+        """The float model's stream through the float block, window by window (moving that stream on);
+        returns each leader's inputs for all windows, ``[windows, ...]`` on the offload device."""
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
+        store = self.reference.hidden.device
+        with input_hooks(leaders, lambda name, x: seen[name].append(x.to(store))):
+            for i in range(windows):
+                run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
+        return {name: torch.cat(xs) for name, xs in seen.items() if len(xs) == windows}
+
+    def _one_pass(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs, index: int,
+                  deferred: set[str]) -> dict[str, GPTQResult]:
+        """``true_sequential`` on chained inputs: all windows through the block in one call. A
+        pre-hook on each group's first layer takes the group's Hessian (and, with asymmetric
+        calibration, its cross product with the float model's inputs) from every window's input,
+        solves the group, and lets the call go on with the quantized weights: later groups see
+        inputs computed through the quantized earlier ones, and the call's outputs are the
+        quantized block's (kept in ``block_outputs`` for the next block)."""
+        discovery = InputTracker(accumulate=set())
+        with input_hooks(targets, discovery):
+            run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
+        groups = {leader: {name: targets[name] for name in discovery.groups[leader]} for leader in discovery.order}
+        references = {}
+        if self.reference is not None:  # asymmetric (tune, the other float-stream user, is not sequential)
+            references = self._float_inputs(block, {leader: targets[leader] for leader in groups}, len(inputs))
+        results: dict[str, GPTQResult] = {}
+
+        def solve(leader: str, x: torch.Tensor) -> None:
+            group = groups.pop(leader, None)
+            if group is None:  # called again in the same pass (a layer used twice): solved already
+                return
+            size = x.shape[-1]
+            H, count = accumulate_hessian(torch.zeros(size, size, device=x.device), x, 0, self.compute_dtype)
+            reference, cross = references.pop(leader, None), None
+            if self.stage.asymmetric:
+                if reference is not None and reference.shape == x.shape:
+                    cross = accumulate_hessian(torch.zeros_like(H), x, 0, self.compute_dtype,
+                                               reference=reference.to(x.device))[0]
+                else:
+                    logger.info("asymmetric calibration skipped for %s (the float and quantized models route "
+                                "different tokens to it)", leader)
+            results.update(self._quantize_group(group, H, count, index, deferred, cross))
+
+        handles = [targets[leader].register_forward_pre_hook(lambda module, args, leader=leader: solve(leader, args[0]))
+                   for leader in groups]
+        try:
+            outputs = run_block_together(block, inputs, self.device, self.compute_dtype)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.block_outputs = outputs
+        return results
+
     def _solve(self, tracker: InputTracker, targets: dict[str, nn.Module], index: int,
                deferred: set[str]) -> dict[str, GPTQResult]:
         """Solve every group the tracker accumulated. Over several processes (see
@@ -303,7 +362,10 @@ class GPTQBlockQuantizer:
         place; returns results. Shared modules whose last user is a later block are left for then."""
         results: dict[str, GPTQResult] = {}
         deferred: set[str] = set()
-        if self.stage.true_sequential:
+        self.block_outputs = None
+        if self.stage.true_sequential and inputs.calls is None and not distributed.active():
+            results.update(self._one_pass(block, targets, inputs, index, deferred))
+        elif self.stage.true_sequential:
             discovery = InputTracker(accumulate=set())
             with input_hooks(targets, discovery):
                 run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
@@ -330,6 +392,7 @@ class GPTQBlockQuantizer:
                 self._tune(block, targets, results, inputs, torch.cat(outputs), index)
         for name in sorted(set(targets) - set(results) - deferred):  # never called by the forward pass
             results[name] = self.round(name, targets[name], "never reached by the calibration forward pass")
+            self.block_outputs = None  # computed with its float weight: the walk runs the block again
         return results
 
 
@@ -385,6 +448,10 @@ def quantize_gptq(
     if stage.tune and shared.users:
         raise ValueError("tune: block-wise scale tuning is not supported with layers that share weights across blocks "
                          "(a block would retune what earlier blocks used); set tune: 0 (or drop the share stage)")
+    if stage.asymmetric and stage.true_sequential and distributed.active():
+        raise ValueError("asymmetric: with true_sequential, calibration against the float model runs in one process "
+                         "(over several, each group is calibrated in its own pass without the float stream); set "
+                         "true_sequential: false or run GPTQ in one process")
     if stage.tune and distributed.active():
         raise ValueError("tune: block-wise scale tuning runs in one process (each process would tune to its own "
                          "windows); set tune: 0 or run GPTQ in one process")
@@ -461,6 +528,10 @@ def quantize_gptq(
         finally:
             for module in experts:
                 module.calibrate_all = False
+        if quantizer.block_outputs is not None:  # the walk's pass ran already, inside quantize_block
+            step.inputs.hidden.copy_(quantizer.block_outputs)
+            step.outputs_written = True
+            quantizer.block_outputs = None
         # Packed now (an eighth of the unpacked codes' memory); swapped in once the windows have run
         # through the block's float linears, which hold the dequantized weights.
         pending[b] = ({short: QuantLinear.from_quantized(r.weight, targets_here[short].bias, formats[short])
