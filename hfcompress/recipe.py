@@ -298,7 +298,7 @@ class QuantizeStage(_Section):
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
         "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "true_sequential", "asymmetric", "refit",
-        "tune", "tune_lr", "tune_norms", "tune_codes", "tune_target")
+        "hessian_dtype", "tune", "tune_lr", "tune_norms", "tune_codes", "tune_target")
 
     method: str = "rtn"
     bits: int = 4
@@ -322,6 +322,10 @@ class QuantizeStage(_Section):
     true_sequential: bool = False
     asymmetric: float = 0.0  # GPTAQ: 0 calibrates each layer on its own inputs, 1 against the float model's outputs
     refit: bool = False  # least-squares group scales for the codes GPTQ chose
+    # What the Hessians' and cross products' matrix products compute in (null: the calibration's
+    # compute_dtype). bfloat16 halves their time on CPUs with bf16 dot products while the forwards
+    # stay float32 (they carry the small float-quantized differences of asymmetric calibration).
+    hessian_dtype: str | None = None
     tune: int = 0  # epochs of block-wise tuning of the group scales to each block's output (block_tuning.py)
     tune_lr: float = 1e-3  # Adam's learning rate for the scales' logarithms (cosine schedule)
     tune_norms: bool = False  # the block's norm weights (kept in float) train with the scales
@@ -381,6 +385,9 @@ class QuantizeStage(_Section):
         if not 0 <= self.asymmetric <= 1:
             raise RecipeError(f"asymmetric: {self.asymmetric} must lie in [0, 1] (0: plain GPTQ, 1: match the float "
                               "model's outputs)")
+        if self.hessian_dtype is not None and self.hessian_dtype not in ("float32", "bfloat16", "float16"):
+            raise RecipeError(f"hessian_dtype: {shown(self.hessian_dtype)} is not a dtype for GPTQ's products; valid: "
+                              "float32, bfloat16, float16 (or leave it out: the calibration's compute_dtype)")
         if self.tune < 0:
             raise RecipeError(f"tune: {self.tune} must be a number of epochs, 0 (no tuning) or more")
         if self.tune and self.true_sequential:

@@ -151,7 +151,8 @@ def test_linears_reading_one_input_share_a_hessian():
     assert set(tracker.hessians) == set(tracker.order)
 
 
-@pytest.mark.parametrize("options", [{}, {"true_sequential": True}, {"act_order": True},
+@pytest.mark.parametrize("options", [{}, {"true_sequential": True}, {"true_sequential": True, "asymmetric": 0.25,
+                                                                      "hessian_dtype": "bfloat16"}, {"act_order": True},
                                      {"act_order": True, "static_groups": True}, {"mse": True, "sym": False}])
 def test_gptq_end_to_end_on_a_tiny_llama(tmp_path, tiny_llama_dir, options):
     windows = torch.randint(2, 300, (8, 64), generator=torch.Generator().manual_seed(1))

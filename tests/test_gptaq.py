@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 import hfcompress
 from hfcompress.calibration import BlockInputs, input_hooks, run_block, walk_blocks
 from hfcompress.models import decoder_blocks
-from hfcompress.quantization.gptq import (accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales,
-                                          relative_error)
+from hfcompress.quantization.gptq import (accumulate_hessian, asymmetric_target, gptq_quantize, input_statistics,
+                                          refit_scales, relative_error)
 from hfcompress.quantization.gptq_runner import GPTQBlockQuantizer, InputTracker
 from hfcompress.recipe import QuantizeStage, RecipeError
 
@@ -25,6 +25,26 @@ def test_cross_product_is_the_running_mean_of_reference_times_input():
     for x, r in zip(X.split(20), R.split(20)):
         C, n = accumulate_hessian(C, x, n, reference=r)
     assert torch.allclose(C, 2 / 90 * R.t() @ X, atol=1e-5)
+
+
+def test_input_statistics_in_batches_and_in_bfloat16():
+    """Batches of rows give the whole sample's Hessian and cross product; in bfloat16 the cross
+    product's part from the float-quantized difference keeps its own precision, so C - H (what the
+    asymmetric target is made of) stays accurate even where the difference is small next to H."""
+    torch.manual_seed(3)
+    X = torch.randn(5000, 48) @ torch.randn(48, 48)
+    R = X + 1e-3 * torch.randn(5000, 48)  # the float model's inputs: close to the quantized ones
+    H, n, C = input_statistics(X, reference=R, rows=700)
+    assert n == 5000
+    assert torch.allclose(H, 2 / n * X.t() @ X, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(C, 2 / n * R.t() @ X, rtol=1e-5, atol=1e-4)
+    assert input_statistics(X)[2] is None
+    Hb, _, Cb = input_statistics(X, torch.bfloat16, reference=R, rows=700)
+    D, Db = C - H, Cb - Hb
+    assert (Hb - H).norm() < 2e-3 * H.norm()
+    assert (Db - D).norm() < 2e-2 * D.norm()  # direct bf16 products of R and X would lose D entirely
+    direct = (R.bfloat16().t() @ X.bfloat16()).float() * 2 / n - (X.bfloat16().t() @ X.bfloat16()).float() * 2 / n
+    assert (direct - D).norm() > 0.5 * D.norm()
 
 
 def test_asymmetric_target_solves_the_float_models_least_squares():
@@ -75,8 +95,8 @@ def test_float_stream_pairs_token_for_token():
     quantizer._paired_pass(block, targets, inputs, tracker)
     assert set(tracker.cross) == set(tracker.hessians) == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj",
                                                             "mlp.down_proj"}
-    for leader, H in tracker.hessians.items():
-        assert torch.allclose(tracker.cross[leader], H, atol=1e-6), leader
+    for leader, H in tracker.hessians.items():  # cross holds C - H
+        assert torch.allclose(tracker.cross[leader], torch.zeros_like(H), atol=1e-6), leader
     assert torch.allclose(reference.hidden, expected.hidden, atol=1e-6)
     assert not torch.allclose(reference.hidden, inputs.hidden, atol=1e-3)
     assert torch.equal(inputs.hidden, step.inputs.hidden)  # the quantized stream is the walk's to move
@@ -101,6 +121,8 @@ def test_asymmetric_refit_gptq_saves_and_reloads_like_plain_gptq(tmp_path):
 def test_recipe_checks_the_asymmetric_and_refit_keys():
     with pytest.raises(RecipeError, match=r"asymmetric: 2 must lie in \[0, 1\]"):
         QuantizeStage.from_dict({"method": "gptq", "asymmetric": 2})
+    with pytest.raises(RecipeError, match="hessian_dtype: 'int8' is not a dtype"):
+        QuantizeStage.from_dict({"method": "gptq", "hessian_dtype": "int8"})
     with pytest.raises(RecipeError, match="refit: applies to method gptq only"):
         QuantizeStage.from_dict({"method": "rtn", "refit": True})
 
@@ -156,7 +178,8 @@ def test_true_sequential_solves_each_group_on_the_quantized_groups_before_it_in_
     for leader, (H, cross) in seen.items():
         assert torch.allclose(H, quantized.hessians[leader], rtol=1e-4, atol=1e-6), leader
         if asymmetric:
-            assert torch.allclose(cross, quantized.cross[leader], rtol=1e-4, atol=1e-6), leader
+            C = quantized.cross[leader] + quantized.hessians[leader]
+            assert torch.allclose(cross, C, rtol=1e-4, atol=1e-6), leader
         else:
             assert cross is None
     # o_proj's inputs came through the quantized q/k/v, not the float ones.

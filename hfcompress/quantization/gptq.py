@@ -59,21 +59,42 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, count: int,
                        reference: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Fold inputs ``x`` ``[..., K]`` into the running mean ``H = 2/n * sum x x^T``; returns (H, n).
 
-    With ``reference`` (the float model's inputs for the same tokens) the running mean is the
-    cross product ``C = 2/n * sum reference x^T`` instead (see :func:`asymmetric_target`).
+    With ``reference`` (``[..., K]``, the same tokens) the running mean is ``2/n * sum reference
+    x^T`` instead: the cross product of asymmetric calibration (see :func:`asymmetric_target`)
+    with the float model's inputs, or its part ``D`` with their difference from ``x``.
     ``H`` stays float32; ``compute_dtype=torch.bfloat16`` computes each batch's ``x^T x`` in bf16
-    (2-3x faster on CPUs with bf16 dot products), whose rounding averages out over batches.
+    (2x faster on CPUs with bf16 dot products), whose rounding averages out over batches.
     """
     x = x.reshape(-1, x.shape[-1])
     new = x.shape[0]
-    H *= count / (count + new)
-    x = x.float() * math.sqrt(2 / (count + new))
-    left = x if reference is None else reference.reshape(-1, x.shape[-1]).float() * math.sqrt(2 / (count + new))
+    left = x if reference is None else reference.reshape(-1, x.shape[-1])
+    keep, weight = count / (count + new), 2 / (count + new)  # scaled after the product: no scaled copies of x
     if compute_dtype is None or compute_dtype == torch.float32:
-        H.addmm_(left.t(), x)
+        H.addmm_(left.float().t(), x.float(), beta=keep, alpha=weight)
     else:
-        H += (left.to(compute_dtype).t() @ x.to(compute_dtype)).float()
+        H.mul_(keep).add_((left.to(compute_dtype).t() @ x.to(compute_dtype)).float(), alpha=weight)
     return H, count + new
+
+
+def input_statistics(x: torch.Tensor, compute_dtype: torch.dtype | None = None, reference: torch.Tensor | None = None,
+                     rows: int = 2048) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """``(H, n, C)`` of a layer's inputs ``x`` ``[..., K]``: the Hessian over all ``n`` rows and,
+    with ``reference`` (the float model's inputs for the same tokens), the cross product ``C`` of
+    asymmetric calibration (else ``None``). Accumulated ``rows`` at a time (a low-precision
+    product rounds each batch's sum, and the rounding averages out over batches); ``C`` as ``H + D``
+    with ``D`` from ``reference - x``, which a low-precision product then rounds relative to the
+    difference's own size, not to H's."""
+    x = x.reshape(-1, x.shape[-1])
+    H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    D = None if reference is None else torch.zeros_like(H)
+    count = 0
+    for start in range(0, x.shape[0], rows):
+        part = x[start : start + rows]
+        if D is not None:
+            delta = reference.reshape(-1, x.shape[-1])[start : start + rows].to(part.device, torch.float32) - part
+            D = accumulate_hessian(D, part, count, compute_dtype, reference=delta)[0]
+        H, count = accumulate_hessian(H, part, count, compute_dtype)
+    return H, count, (None if D is None else D.add_(H))
 
 
 def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,

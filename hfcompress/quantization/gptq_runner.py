@@ -40,7 +40,8 @@ from ..models import ExpertLinears, decoder_blocks, linear_shape, linear_weight
 from ..recipe import QuantizeStage
 from .resume import ResumeState
 from .block_tuning import tune_block_scales
-from .gptq import GPTQResult, accumulate_hessian, asymmetric_target, gptq_quantize, refit_scales, relative_error
+from .gptq import (GPTQResult, accumulate_hessian, asymmetric_target, gptq_quantize, input_statistics, refit_scales,
+                   relative_error)
 from .grid import QuantizedWeight
 from .qlinear import LinearFormat, QuantLinear
 from .rtn import quantize_rtn
@@ -52,7 +53,8 @@ class InputTracker:
     """Accumulates one Hessian per distinct input tensor and learns which layers share it.
 
     With ``reference`` set (before each window: every target's input in the float model for that
-    window, by name), it accumulates the cross products of GPTQ's asymmetric calibration too.
+    window, by name), it accumulates the cross products of GPTQ's asymmetric calibration too, less
+    their Hessians (``cross`` holds ``D`` of :func:`.gptq.input_statistics`: ``C = H + D``).
     """
 
     def __init__(self, accumulate: set[str] | None = None, compute_dtype: torch.dtype | None = None):
@@ -95,7 +97,7 @@ class InputTracker:
         C = self.cross.get(name)
         if C is None:
             C = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-        self.cross[name] = accumulate_hessian(C, x, count, self.compute_dtype, reference=reference)[0]
+        self.cross[name] = accumulate_hessian(C, x, count, self.compute_dtype, reference=reference - x)[0]
 
     def release(self) -> None:
         self._last = None
@@ -147,6 +149,8 @@ class GPTQBlockQuantizer:
         self.shared = shared or SharedHessians({})
         self.device = device
         self.compute_dtype = compute_dtype
+        # The Hessians' and cross products' products (the forwards stay in compute_dtype).
+        self.hessian_dtype = getattr(torch, stage.hessian_dtype) if stage.hessian_dtype else compute_dtype
         self.experts = experts  # names (relative to their block) of expert linears
         # Each module's format (names relative to the block); the stage's for any not listed.
         self.formats = formats or {}
@@ -275,16 +279,12 @@ class GPTQBlockQuantizer:
             group = groups.pop(leader, None)
             if group is None:  # called again in the same pass (a layer used twice): solved already
                 return
-            size = x.shape[-1]
-            H, count = accumulate_hessian(torch.zeros(size, size, device=x.device), x, 0, self.compute_dtype)
-            reference, cross = references.pop(leader, None), None
-            if self.stage.asymmetric:
-                if reference is not None and reference.shape == x.shape:
-                    cross = accumulate_hessian(torch.zeros_like(H), x, 0, self.compute_dtype,
-                                               reference=reference.to(x.device))[0]
-                else:
-                    logger.info("asymmetric calibration skipped for %s (the float and quantized models route "
-                                "different tokens to it)", leader)
+            reference = references.pop(leader, None)
+            if self.stage.asymmetric and (reference is None or reference.shape != x.shape):
+                logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
+                            "tokens to it)", leader)
+                reference = None
+            H, count, cross = input_statistics(x, self.hessian_dtype, reference if self.stage.asymmetric else None)
             results.update(self._quantize_group(group, H, count, index, deferred, cross))
 
         handles = [targets[leader].register_forward_pre_hook(lambda module, args, leader=leader: solve(leader, args[0]))
@@ -318,9 +318,9 @@ class GPTQBlockQuantizer:
                                                    tracker.counts.get(leader, 0))
             cross = None
             if self.reference is not None and self.stage.asymmetric and leader not in unpaired:
-                C = tracker.cross.get(leader)
-                cross = distributed.mean_over_ranks(C if C is not None else torch.zeros_like(H),
-                                                    tracker.counts.get(leader, 0))[0]
+                D = tracker.cross.get(leader)
+                cross = distributed.mean_over_ranks(D if D is not None else torch.zeros_like(H),
+                                                    tracker.counts.get(leader, 0))[0] + H
             mine = distributed.owner(i) == distributed.rank()
             solved.append(self._quantize_group(group, H, count, index, deferred, cross) if mine else {})
         for i, leader in enumerate(leaders):
@@ -371,13 +371,13 @@ class GPTQBlockQuantizer:
                 run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
             for leader in discovery.order:
                 group = discovery.groups[leader]
-                tracker = InputTracker(accumulate={leader}, compute_dtype=self.compute_dtype)
+                tracker = InputTracker(accumulate={leader}, compute_dtype=self.hessian_dtype)
                 with input_hooks(targets, tracker, stop_after=group[-1]):
                     run_block(block, inputs, self.device, dtype=self.compute_dtype)
                 tracker.release()
                 results.update(self._solve(tracker, targets, index, deferred))
         else:
-            tracker = InputTracker(compute_dtype=self.compute_dtype)
+            tracker = InputTracker(compute_dtype=self.hessian_dtype)
             outputs: list[torch.Tensor] = []  # the float block's outputs on these inputs (tune's target)
             observe = (lambda x, out: outputs.append(out.detach().to(inputs.hidden.device, torch.float32))
                        ) if self.stage.tune else None
