@@ -39,6 +39,10 @@ def test_input_statistics_in_batches_and_in_bfloat16():
     assert torch.allclose(H, 2 / n * X.t() @ X, rtol=1e-5, atol=1e-4)
     assert torch.allclose(C, 2 / n * R.t() @ X, rtol=1e-5, atol=1e-4)
     assert input_statistics(X)[2] is None
+    pieces = input_statistics(X, reference=list(R.split([1000, 2500, 1500])), rows=700)  # window by window
+    assert torch.allclose(pieces[0], H, rtol=1e-5, atol=1e-4) and torch.allclose(pieces[2], C, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="reference holds 4999 rows for 5000 inputs"):
+        input_statistics(X, reference=R[1:])
     Hb, _, Cb = input_statistics(X, torch.bfloat16, reference=R, rows=700)
     D, Db = C - H, Cb - Hb
     assert (Hb - H).norm() < 2e-3 * H.norm()

@@ -174,3 +174,27 @@ def test_clipping_search_equals_measuring_each_shrunk_range(sym, bits, budget):
         best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
     assert torch.equal(scale, best_scale) and torch.equal(zero, best_zero)
     assert bool((scale > 0).all())
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_clipping_search_with_a_stride_refines_around_the_coarse_best(bits):
+    """``step=4``: every 4th range, then the 3 on either side of each row's best; each row's error
+    is the least over exactly those ranges, never worse than the coarse grid's, and mostly the
+    full search's own."""
+    torch.manual_seed(bits)
+    w, energy, maxq = torch.randn(200, 64) * 0.03, torch.rand(64) + 0.1, 2**bits - 1
+    errors, scales = [], []
+    for i in range(80):
+        s, z = find_scale_zero(w * (1 - i / 100), bits, True)
+        errors.append(((s[:, None] * (quantize(w, s, z, maxq) - z[:, None]) - w).abs() ** 2.4 * energy).sum(1))
+        scales.append(s)
+    errors, scales = torch.stack(errors), torch.stack(scales)  # [80, rows]
+    coarse = errors[::4].argmin(0) * 4
+    window = (coarse[None] + torch.arange(-3, 4)[:, None]).clamp(0, 79)
+    expected = window.gather(0, errors.gather(0, window).argmin(0)[None])[0]
+    scale, _ = find_scale_zero_mse(w, bits, True, column_weight=energy, step=4)
+    rows = torch.arange(200)
+    assert torch.equal(scale, scales[expected, rows])
+    chosen = errors[expected, rows]
+    assert bool((chosen <= errors[coarse, rows]).all()) and bool((chosen >= errors.min(0).values).all())
+    assert float((chosen == errors.min(0).values).float().mean()) > 0.8

@@ -76,35 +76,58 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, count: int,
     return H, count + new
 
 
-def input_statistics(x: torch.Tensor, compute_dtype: torch.dtype | None = None, reference: torch.Tensor | None = None,
+def input_statistics(x: torch.Tensor, compute_dtype: torch.dtype | None = None,
+                     reference: torch.Tensor | list[torch.Tensor] | None = None,
                      rows: int = 2048) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """``(H, n, C)`` of a layer's inputs ``x`` ``[..., K]``: the Hessian over all ``n`` rows and,
-    with ``reference`` (the float model's inputs for the same tokens), the cross product ``C`` of
-    asymmetric calibration (else ``None``). Accumulated ``rows`` at a time (a low-precision
-    product rounds each batch's sum, and the rounding averages out over batches); ``C`` as ``H + D``
-    with ``D`` from ``reference - x``, which a low-precision product then rounds relative to the
-    difference's own size, not to H's."""
+    """``(H, n, C)`` of a layer's inputs ``x`` ``[..., K]``: the Hessian ``2/n x^T x`` over all
+    ``n`` rows and, with ``reference`` (the float model's inputs for the same tokens, whole or as
+    consecutive pieces), the cross product ``C = 2/n reference^T x`` of asymmetric calibration
+    (else ``None``).
+
+    Summed ``rows`` at a time: a low-precision ``compute_dtype`` rounds each batch's product, and
+    the rounding averages out over batches. ``C`` is summed as ``H + D`` with ``D`` from the
+    difference ``reference - x`` (taken in float32), which a low-precision product then rounds
+    relative to the difference's own size, not to H's.
+    """
     x = x.reshape(-1, x.shape[-1])
+    pieces = [None] * math.ceil(x.shape[0] / rows)
+    if reference is not None:
+        whole = [reference] if isinstance(reference, torch.Tensor) else reference
+        pieces = [p for r in whole for p in r.reshape(-1, x.shape[-1]).split(rows)]
+        if sum(p.shape[0] for p in pieces) != x.shape[0]:
+            raise ValueError(f"reference holds {sum(p.shape[0] for p in pieces)} rows for {x.shape[0]} inputs")
+    low = compute_dtype is not None and compute_dtype != torch.float32
     H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
     D = None if reference is None else torch.zeros_like(H)
-    count = 0
-    for start in range(0, x.shape[0], rows):
-        part = x[start : start + rows]
-        if D is not None:
-            delta = reference.reshape(-1, x.shape[-1])[start : start + rows].to(part.device, torch.float32) - part
-            D = accumulate_hessian(D, part, count, compute_dtype, reference=delta)[0]
-        H, count = accumulate_hessian(H, part, count, compute_dtype)
-    return H, count, (None if D is None else D.add_(H))
+    parts = x.split(rows) if reference is None else x.split([p.shape[0] for p in pieces])
+    for part, paired in zip(parts, pieces):
+        part = part.float()
+        delta = None if paired is None else paired.to(part.device, torch.float32) - part
+        if low:  # each batch converted once, for both products
+            part = part.to(compute_dtype)
+            H += (part.t() @ part).float()
+            if delta is not None:
+                D += (delta.to(compute_dtype).t() @ part).float()
+        else:
+            H.addmm_(part.t(), part)
+            if delta is not None:
+                D.addmm_(delta.t(), part)
+    n = x.shape[0]
+    H.mul_(2 / n)
+    return H, n, (None if D is None else D.mul_(2 / n).add_(H))
 
 
 def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
                         norm: float = 2.4, column_weight: torch.Tensor | None = None,
-                        budget: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+                        budget: int = 1 << 26, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`find_scale_zero`, but shrink the range while the ``norm``-error drops.
 
     Tries ``grid`` ranges from the full one down to ``1 - max_shrink`` of it (the GPTQ code's
     search); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes ``diag(H)``). Ties
     keep the wider range. Candidates are measured together, ``budget`` bytes of them at a time.
+    With ``step`` > 1 every ``step``-th range is measured, then, for each row, the ``step - 1``
+    on either side of its best (a third of the work at 4; a row whose error curve has its
+    minimum in a narrow dip between two measured ranges may settle for a near one).
     """
     w = w.float()
     maxq = 2**bits - 1
@@ -117,15 +140,29 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     shrinks = torch.tensor([1 - i / grid for i in range(int(max_shrink * grid))], device=w.device)
     best_scale, best_zero = scale_zero_of_range(low, high, bits, sym)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
-    for part in shrinks.split(max(1, budget // (4 * w.numel()))):
-        scale, zero = scale_zero_of_range(low * part[:, None], high * part[:, None], bits, sym)  # [c, N]
-        err = quantize(w, scale, zero, maxq).sub_(zero[..., None]).mul_(scale[..., None]).sub_(w).abs_().pow_(norm)
-        err = (err if column_weight is None else err.mul_(column_weight)).sum(-1)
-        least, pick = err.min(0)  # the first (widest) of equal errors, as a scan with < would keep
-        better = least < best_err
-        best_err = torch.where(better, least, best_err)
-        best_scale = torch.where(better, scale.gather(0, pick[None])[0], best_scale)
-        best_zero = torch.where(better, zero.gather(0, pick[None])[0], best_zero)
+    best_index = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
+
+    def measure(candidates: torch.Tensor) -> None:
+        """Keep each row's best of ``candidates`` ``[c, N]`` (indices into ``shrinks``, widest first)."""
+        nonlocal best_scale, best_zero, best_err, best_index
+        for part in candidates.split(max(1, budget // (4 * w.numel()))):
+            p = shrinks[part]
+            scale, zero = scale_zero_of_range(low * p, high * p, bits, sym)  # [c, N]
+            err = quantize(w, scale, zero, maxq).sub_(zero[..., None]).mul_(scale[..., None]).sub_(w).abs_().pow_(norm)
+            err = (err if column_weight is None else err.mul_(column_weight)).sum(-1)
+            least, pick = err.min(0)  # the first (widest) of equal errors, as a scan with < would keep
+            better = least < best_err
+            best_err = torch.where(better, least, best_err)
+            best_scale = torch.where(better, scale.gather(0, pick[None])[0], best_scale)
+            best_zero = torch.where(better, zero.gather(0, pick[None])[0], best_zero)
+            best_index = torch.where(better, part.gather(0, pick[None])[0], best_index)
+
+    rows = w.shape[0]
+    everything = torch.arange(len(shrinks), device=w.device)
+    measure(everything[::step, None].expand(-1, rows))
+    if step > 1:  # the neighbours of each row's best, nearest the full range first
+        around = (best_index[None] + torch.arange(1 - step, step, device=w.device)[:, None])
+        measure(around.clamp(0, len(shrinks) - 1))
     return best_scale, best_zero
 
 
@@ -242,6 +279,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     mse: bool = False,
+    mse_step: int = 1,
     shrink: float = 0.0,
     scale_dtype: torch.dtype = torch.float16,
     measure: bool = True,
@@ -258,7 +296,9 @@ def gptq_quantize(
     def find(w: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The clipping search weighs each column's error by its input energy H[j, j]: a column
         # that sees large inputs costs more output error per unit of weight error.
-        return find_scale_zero_mse(w, bits, sym, column_weight=energy) if mse else find_scale_zero(w, bits, sym)
+        if mse:
+            return find_scale_zero_mse(w, bits, sym, column_weight=energy, step=mse_step)
+        return find_scale_zero(w, bits, sym)
 
     # Only H's diagonal is needed outside the factorization; the working K x K matrix is built
     # (and rebuilt, should dampening have to grow) from the sample by `working_hessian`.

@@ -191,7 +191,7 @@ class GPTQBlockQuantizer:
             W = W + s.asymmetric * (asymmetric_target(W, H, cross.to(W.device), s.damp) - W)
         stacked = gptq_quantize(W, H, fmt.bits, fmt.group_size, fmt.sym, damp=s.damp,
                                 block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups,
-                                mse=s.mse, shrink=s.shrink, scale_dtype=fmt.torch_scale_dtype,
+                                mse=s.mse, mse_step=s.mse_step, shrink=s.shrink, scale_dtype=fmt.torch_scale_dtype,
                                 measure=False)  # each module's error is measured below
         quantized = stacked.weight
         if s.refit:
@@ -248,15 +248,16 @@ class GPTQBlockQuantizer:
             logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
                         "tokens to them)", ", ".join(sorted(tracker.unpaired)))
 
-    def _float_inputs(self, block: nn.Module, leaders: dict[str, nn.Module], windows: int) -> dict[str, torch.Tensor]:
+    def _float_inputs(self, block: nn.Module, leaders: dict[str, nn.Module],
+                      windows: int) -> dict[str, list[torch.Tensor]]:
         """The float model's stream through the float block, window by window (moving that stream on);
-        returns each leader's inputs for all windows, ``[windows, ...]`` on the offload device."""
+        returns each leader's input in every window (on the offload device)."""
         seen: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
         store = self.reference.hidden.device
         with input_hooks(leaders, lambda name, x: seen[name].append(x.to(store))):
             for i in range(windows):
                 run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
-        return {name: torch.cat(xs) for name, xs in seen.items() if len(xs) == windows}
+        return seen
 
     def _one_pass(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs, index: int,
                   deferred: set[str]) -> dict[str, GPTQResult]:
@@ -280,11 +281,14 @@ class GPTQBlockQuantizer:
             if group is None:  # called again in the same pass (a layer used twice): solved already
                 return
             reference = references.pop(leader, None)
-            if self.stage.asymmetric and (reference is None or reference.shape != x.shape):
+            # Paired window by window, where each window brought this layer its own [1, ...] input
+            # (not routed experts, whose tokens differ between the two models).
+            paired = (reference is not None and x.dim() > 2 and len(reference) == x.shape[0]
+                      and all(r.shape == (1, *x.shape[1:]) for r in reference))
+            if self.reference is not None and not paired:
                 logger.info("asymmetric calibration skipped for %s (the float and quantized models route different "
                             "tokens to it)", leader)
-                reference = None
-            H, count, cross = input_statistics(x, self.hessian_dtype, reference if self.stage.asymmetric else None)
+            H, count, cross = input_statistics(x, self.hessian_dtype, reference if paired else None)
             results.update(self._quantize_group(group, H, count, index, deferred, cross))
 
         handles = [targets[leader].register_forward_pre_hook(lambda module, args, leader=leader: solve(leader, args[0]))
