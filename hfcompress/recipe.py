@@ -327,7 +327,8 @@ class QuantizeStage(_Section):
     refit: bool = False  # least-squares group scales for the codes GPTQ chose
     # What the Hessians' and cross products' matrix products compute in (null: the calibration's
     # compute_dtype). bfloat16 halves their time on CPUs with bf16 dot products while the forwards
-    # stay float32 (they carry the small float-quantized differences of asymmetric calibration).
+    # stay float32 (they carry the small float-quantized differences of asymmetric calibration);
+    # auto: bfloat16 where the device multiplies it natively, else null.
     hessian_dtype: str | None = None
     tune: int = 0  # epochs of block-wise tuning of the group scales to each block's output (block_tuning.py)
     tune_lr: float = 1e-3  # Adam's learning rate for the scales' logarithms (cosine schedule)
@@ -392,9 +393,9 @@ class QuantizeStage(_Section):
             raise RecipeError(f"mse_step: {shown(self.mse_step)} must be a whole number, 1 (every range) or more")
         if self.mse_step > 1 and not self.mse:
             raise RecipeError("mse_step: sets the clipping search's stride; set mse: true as well")
-        if self.hessian_dtype is not None and self.hessian_dtype not in ("float32", "bfloat16", "float16"):
+        if self.hessian_dtype is not None and self.hessian_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise RecipeError(f"hessian_dtype: {shown(self.hessian_dtype)} is not a dtype for GPTQ's products; valid: "
-                              "float32, bfloat16, float16 (or leave it out: the calibration's compute_dtype)")
+                              "auto, float32, bfloat16, float16 (or leave it out: the calibration's compute_dtype)")
         if self.tune < 0:
             raise RecipeError(f"tune: {self.tune} must be a number of epochs, 0 (no tuning) or more")
         if self.tune and self.true_sequential:

@@ -214,3 +214,16 @@ def test_true_sequential_in_one_pass_matches_the_pass_per_group(monkeypatch):
     assert min(codes) > 0.97  # words of 8 codes: a flip from summation order shows here
     probe = DATA[:2]
     assert torch.allclose(together(probe).logits, per_group(probe).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_hessian_dtype_auto_takes_bfloat16_where_the_device_has_it(monkeypatch):
+    from hfcompress.quantization import gptq_runner
+
+    cpu = torch.device("cpu")
+    stage = QuantizeStage.from_dict({"method": "gptq", "hessian_dtype": "auto"})
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(gptq_runner, "native_precision", lambda dtype, device, native=native: native)
+        assert GPTQBlockQuantizer(stage, cpu).hessian_dtype == expected
+        assert GPTQBlockQuantizer(stage, cpu, compute_dtype=torch.float32).hessian_dtype == (expected or torch.float32)
+    explicit = QuantizeStage.from_dict({"method": "gptq", "hessian_dtype": "float16"})
+    assert GPTQBlockQuantizer(explicit, cpu, compute_dtype=torch.bfloat16).hessian_dtype == torch.float16

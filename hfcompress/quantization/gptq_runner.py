@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import BlockInputs, input_hooks, run_block, run_block_together, walk_blocks
 from .. import distributed
+from ..precision import native_precision
 from ..residency import home_device
 from ..errors import CalibrationError
 from ..models import ExpertLinears, decoder_blocks, linear_shape, linear_weight
@@ -149,8 +150,12 @@ class GPTQBlockQuantizer:
         self.shared = shared or SharedHessians({})
         self.device = device
         self.compute_dtype = compute_dtype
-        # The Hessians' and cross products' products (the forwards stay in compute_dtype).
-        self.hessian_dtype = getattr(torch, stage.hessian_dtype) if stage.hessian_dtype else compute_dtype
+        # The Hessians' and cross products' products (the forwards stay in compute_dtype); auto:
+        # bfloat16 where the device multiplies it natively.
+        if stage.hessian_dtype == "auto":
+            self.hessian_dtype = torch.bfloat16 if native_precision(torch.bfloat16, device) else compute_dtype
+        else:
+            self.hessian_dtype = getattr(torch, stage.hessian_dtype) if stage.hessian_dtype else compute_dtype
         self.experts = experts  # names (relative to their block) of expert linears
         # Each module's format (names relative to the block); the stage's for any not listed.
         self.formats = formats or {}
