@@ -320,8 +320,11 @@ class QuantizeStage(_Section):
     # The clipping search measures every mse_step-th of its 80 ranges, then those around each row's
     # best (1: all of them; 4: a third of the search's time).
     mse_step: int = 1
-    # Off by default: on SmolLM2 4-bit g64 it cost 1.5x the time and 0.45 GB more memory for no
-    # gain (first 20 WikiText-2 windows: 25.91 with it, 25.75 without).
+    # Off by default: on a chained model it runs all windows through a block in one call, holding
+    # that block's activations for every window at once (SmolLM2, 32 x 2048 tokens: +1.6 GB), and
+    # plain GPTQ gained nothing from the order (first 20 WikiText-2 windows: 25.91 with it, 25.75
+    # without, measured with the earlier pass per group). With asymmetric calibration it saves a
+    # forward per window (rotate+GPTAQ on SmolLM2: 523 s against 647 s, 25.508 against 25.598).
     true_sequential: bool = False
     asymmetric: float = 0.0  # GPTAQ: 0 calibrates each layer on its own inputs, 1 against the float model's outputs
     refit: bool = False  # least-squares group scales for the codes GPTQ chose
