@@ -156,12 +156,14 @@ class BlockInputs:
         if self.calls is not None:
             args, kwargs = self.calls[i]
             return _to(args, device, dtype), {k: _to(v, device, dtype) for k, v in kwargs.items()}
-        x = _to(self.hidden[i : i + 1], device, dtype)
-        return (x, *_to(self.args, device, dtype)), {k: _to(v, device, dtype) for k, v in self.kwargs.items()}
+        return self._chained_call(self.hidden[i : i + 1], device, dtype)
 
     def call_all(self, device: torch.device, dtype: torch.dtype | None = None) -> tuple[tuple, dict]:
         """Every window of chained inputs in one call (what they share broadcasts over the windows)."""
-        x = _to(self.hidden, device, dtype)
+        return self._chained_call(self.hidden, device, dtype)
+
+    def _chained_call(self, hidden: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> tuple[tuple, dict]:
+        x = _to(hidden, device, dtype)
         return (x, *_to(self.args, device, dtype)), {k: _to(v, device, dtype) for k, v in self.kwargs.items()}
 
     def window(self, i: int) -> BlockInputs:

@@ -264,6 +264,13 @@ class GPTQBlockQuantizer:
                 run_block(block, self.reference.window(i), self.device, update=True, dtype=self.compute_dtype)
         return seen
 
+    def _discover(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs) -> InputTracker:
+        """The block's groups in forward order, from one window (no statistics)."""
+        discovery = InputTracker(accumulate=set())
+        with input_hooks(targets, discovery):
+            run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
+        return discovery
+
     def _one_pass(self, block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs, index: int,
                   deferred: set[str]) -> dict[str, GPTQResult]:
         """``true_sequential`` on chained inputs: all windows through the block in one call. A
@@ -272,9 +279,7 @@ class GPTQBlockQuantizer:
         solves the group, and lets the call go on with the quantized weights: later groups see
         inputs computed through the quantized earlier ones, and the call's outputs are the
         quantized block's (kept in ``block_outputs`` for the next block)."""
-        discovery = InputTracker(accumulate=set())
-        with input_hooks(targets, discovery):
-            run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
+        discovery = self._discover(block, targets, inputs)
         groups = {leader: {name: targets[name] for name in discovery.groups[leader]} for leader in discovery.order}
         references = {}
         if self.reference is not None:  # asymmetric (tune, the other float-stream user, is not sequential)
@@ -375,9 +380,7 @@ class GPTQBlockQuantizer:
         if self.stage.true_sequential and inputs.calls is None and not distributed.active():
             results.update(self._one_pass(block, targets, inputs, index, deferred))
         elif self.stage.true_sequential:
-            discovery = InputTracker(accumulate=set())
-            with input_hooks(targets, discovery):
-                run_block(block, inputs.head(1), self.device, dtype=self.compute_dtype)
+            discovery = self._discover(block, targets, inputs)
             for leader in discovery.order:
                 group = discovery.groups[leader]
                 tracker = InputTracker(accumulate={leader}, compute_dtype=self.hessian_dtype)
