@@ -297,8 +297,8 @@ class QuantizeStage(_Section):
 
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
-        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "mse_step", "true_sequential", "asymmetric", "refit",
-        "hessian_dtype", "tune", "tune_lr", "tune_norms", "tune_codes", "tune_target")
+        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "mse_step", "true_sequential",
+        "asymmetric", "refit", "hessian_dtype", "tune", "tune_lr", "tune_norms", "tune_codes", "tune_target")
 
     method: str = "rtn"
     bits: int = 4
