@@ -298,7 +298,8 @@ class QuantizeStage(_Section):
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
         "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "mse_step", "true_sequential",
-        "asymmetric", "refit", "hessian_dtype", "tune", "tune_lr", "tune_norms", "tune_codes", "tune_target")
+        "asymmetric", "asymmetric_damp", "refit", "hessian_dtype", "tune", "tune_lr", "tune_norms", "tune_codes",
+        "tune_target")
 
     method: str = "rtn"
     bits: int = 4
@@ -327,6 +328,10 @@ class QuantizeStage(_Section):
     # forward per window (rotate+GPTAQ on SmolLM2: 523 s against 647 s, 25.508 against 25.598).
     true_sequential: bool = False
     asymmetric: float = 0.0  # GPTAQ: 0 calibrates each layer on its own inputs, 1 against the float model's outputs
+    # A ridge on asymmetric calibration's correction alone, W* = W + W (C - H) (H + ridge)^-1, as a
+    # fraction of H's mean diagonal (default: none, W* = W C (H + damp)^-1): a larger one keeps the
+    # correction to the directions the sample spans well, shrinking toward no correction.
+    asymmetric_damp: float | None = None
     refit: bool = False  # least-squares group scales for the codes GPTQ chose
     # What the Hessians' and cross products' matrix products compute in (null: the calibration's
     # compute_dtype). bfloat16 halves their time on CPUs with bf16 dot products while the forwards
@@ -392,6 +397,12 @@ class QuantizeStage(_Section):
         if not 0 <= self.asymmetric <= 1:
             raise RecipeError(f"asymmetric: {self.asymmetric} must lie in [0, 1] (0: plain GPTQ, 1: match the float "
                               "model's outputs)")
+        if self.asymmetric_damp is not None:
+            if not self.asymmetric:
+                raise RecipeError("asymmetric_damp: sets asymmetric calibration's ridge; set asymmetric: as well")
+            if not 0 < self.asymmetric_damp <= 100:
+                raise RecipeError(f"asymmetric_damp: {shown(self.asymmetric_damp)} must lie in (0, 100]: a fraction of "
+                                  "the Hessian's mean diagonal")
         if isinstance(self.mse_step, bool) or not isinstance(self.mse_step, int) or self.mse_step < 1:
             raise RecipeError(f"mse_step: {shown(self.mse_step)} must be a whole number, 1 (every range) or more")
         if self.mse_step > 1 and not self.mse:

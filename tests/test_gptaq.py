@@ -66,6 +66,26 @@ def test_asymmetric_target_solves_the_float_models_least_squares():
     assert torch.allclose(asymmetric_target(W.float(), H0, H0, damp=1e-6), W.float(), atol=1e-4)
 
 
+def test_asymmetric_ridge_shrinks_the_correction_toward_the_weight_itself():
+    torch.manual_seed(2)
+    W, X = torch.randn(6, 16, dtype=torch.float64), torch.randn(500, 16, dtype=torch.float64)
+    Xq = X + 0.1 * torch.randn(500, 16, dtype=torch.float64)
+    H = accumulate_hessian(torch.zeros(16, 16), Xq.float(), 0)[0]
+    C = accumulate_hessian(torch.zeros(16, 16), Xq.float(), 0, reference=X.float())[0]
+    exact = asymmetric_target(W.float(), H, C, damp=1e-6)
+    assert torch.allclose(asymmetric_target(W.float(), H, C, damp=0.5, ridge=1e-6), exact, atol=1e-4)
+    for ridge in (0.1, 1.0):
+        target = asymmetric_target(W.float(), H, C, damp=0.01, ridge=ridge).double()
+        # The minimum of ||W X - V Xq||^2 / n + lam ||V - W||^2 (lam: ridge x H's mean diagonal,
+        # H and C as accumulated, 2/n scaled): the gradient there vanishes.
+        lam = ridge * H.double().diagonal().mean() / 2
+        grad = -(X @ W.t() - Xq @ target.t()).t() @ Xq / 500 + lam * (target - W)
+        assert grad.abs().max() < 1e-4
+        assert (target - W).norm() < (exact.double() - W).norm()  # toward W itself, not toward zero
+    far = asymmetric_target(W.float(), H, C, damp=0.01, ridge=1e4)
+    assert torch.allclose(far, W.float(), atol=1e-3) and not torch.allclose(exact, W.float(), atol=1e-3)
+
+
 @pytest.mark.parametrize("bits,act_order", [(3, False), (4, True), (2, True)])
 def test_refit_keeps_the_codes_and_never_raises_the_output_error(bits, act_order):
     torch.manual_seed(bits)
@@ -129,6 +149,11 @@ def test_recipe_checks_the_asymmetric_and_refit_keys():
         QuantizeStage.from_dict({"method": "gptq", "hessian_dtype": "int8"})
     with pytest.raises(RecipeError, match="refit: applies to method gptq only"):
         QuantizeStage.from_dict({"method": "rtn", "refit": True})
+    with pytest.raises(RecipeError, match="asymmetric_damp: sets asymmetric calibration's ridge; set asymmetric"):
+        QuantizeStage.from_dict({"method": "gptq", "asymmetric_damp": 0.1})
+    with pytest.raises(RecipeError, match=r"asymmetric_damp: -1 must lie in \(0, 100\]"):
+        QuantizeStage.from_dict({"method": "gptq", "asymmetric": 0.5, "asymmetric_damp": -1})
+    assert QuantizeStage.from_dict({"method": "gptq", "asymmetric": 0.5, "asymmetric_damp": 1}).asymmetric_damp == 1
 
 
 def test_asymmetric_is_refused_for_weights_shared_across_blocks():

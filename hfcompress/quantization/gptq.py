@@ -166,7 +166,8 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     return best_scale, best_zero
 
 
-def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float,
+                      ridge: float | None = None) -> torch.Tensor:
     """The weights that GPTQ should reproduce on quantized inputs: ``W* = W C H^-1``.
 
     GPTAQ's asymmetric calibration (Li et al., 2025): the quantized model feeds a layer inputs
@@ -176,11 +177,21 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: f
     equations of least squares. So GPTQ on ``W*`` with ``H`` solves the asymmetric objective, and
     the error upstream layers left in the stream is compensated here as far as ``Q`` can. ``H`` is
     dampened as GPTQ dampens it (a ridge that keeps ``W*`` from chasing directions the sample
-    barely spans)."""
-    Hd = H.float() + damp * torch.mean(torch.diag(H.float())) * torch.eye(H.shape[0], dtype=torch.float32,
-                                                                           device=H.device)
+    barely spans).
+
+    ``ridge`` (a fraction of ``H``'s mean diagonal, like ``damp``) regularizes the correction alone:
+    ``W* = W + W (C - H) (H + ridge)^-1``, the ridge regression of the upstream error on ``Xq``,
+    which shrinks toward ``W`` itself (no correction) rather than toward zero, so it can be large.
+    """
+    def dampened(fraction: float) -> torch.Tensor:
+        return H.float() + fraction * torch.mean(torch.diag(H.float())) * torch.eye(
+            H.shape[0], dtype=torch.float32, device=H.device)
+
+    if ridge is not None:
+        # W* - W = W D Hr^-1 with D = C - H, i.e. Hr (W* - W)^T = D^T W^T (Hr is symmetric).
+        return W.float() + torch.linalg.solve(dampened(ridge), (C.float() - H.float()).t() @ W.float().t()).t()
     # W* = W C Hd^-1, i.e. Hd W*^T = C^T W^T (Hd is symmetric).
-    return torch.linalg.solve(Hd, C.float().t() @ W.float().t()).t()
+    return torch.linalg.solve(dampened(damp), C.float().t() @ W.float().t()).t()
 
 
 def refit_scales(W: torch.Tensor, H: torch.Tensor, weight: QuantizedWeight, scale_dtype: torch.dtype) -> QuantizedWeight:

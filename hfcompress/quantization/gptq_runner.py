@@ -193,7 +193,7 @@ class GPTQBlockQuantizer:
         H = H.to(weights[0].device)
         W = torch.cat(weights) if len(weights) > 1 else weights[0]  # one module: its weight itself (not written here)
         if cross is not None:
-            W = W + s.asymmetric * (asymmetric_target(W, H, cross.to(W.device), s.damp) - W)
+            W = W + s.asymmetric * (asymmetric_target(W, H, cross.to(W.device), s.damp, s.asymmetric_damp) - W)
         stacked = gptq_quantize(W, H, fmt.bits, fmt.group_size, fmt.sym, damp=s.damp,
                                 block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups,
                                 mse=s.mse, mse_step=s.mse_step, shrink=s.shrink, scale_dtype=fmt.torch_scale_dtype,
