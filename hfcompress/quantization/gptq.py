@@ -183,15 +183,14 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: f
     ``W* = W + W (C - H) (H + ridge)^-1``, the ridge regression of the upstream error on ``Xq``,
     which shrinks toward ``W`` itself (no correction) rather than toward zero, so it can be large.
     """
-    def dampened(fraction: float) -> torch.Tensor:
-        return H.float() + fraction * torch.mean(torch.diag(H.float())) * torch.eye(
-            H.shape[0], dtype=torch.float32, device=H.device)
-
-    if ridge is not None:
-        # W* - W = W D Hr^-1 with D = C - H, i.e. Hr (W* - W)^T = D^T W^T (Hr is symmetric).
-        return W.float() + torch.linalg.solve(dampened(ridge), (C.float() - H.float()).t() @ W.float().t()).t()
-    # W* = W C Hd^-1, i.e. Hd W*^T = C^T W^T (Hd is symmetric).
-    return torch.linalg.solve(dampened(damp), C.float().t() @ W.float().t()).t()
+    H = H.float()
+    Hd = H.clone()
+    Hd.diagonal().add_((damp if ridge is None else ridge) * torch.mean(torch.diag(H)))
+    if ridge is None:
+        # W* = W C Hd^-1, i.e. Hd W*^T = C^T W^T (Hd is symmetric).
+        return torch.linalg.solve(Hd, C.float().t() @ W.float().t()).t()
+    # W* - W = W (C - H) Hd^-1, i.e. Hd (W* - W)^T = (C - H)^T W^T.
+    return W.float() + torch.linalg.solve(Hd, (C.float() - H).t() @ W.float().t()).t()
 
 
 def refit_scales(W: torch.Tensor, H: torch.Tensor, weight: QuantizedWeight, scale_dtype: torch.dtype) -> QuantizedWeight:
