@@ -183,14 +183,13 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: f
     ``W* = W + W (C - H) (H + ridge)^-1``, the ridge regression of the upstream error on ``Xq``,
     which shrinks toward ``W`` itself (no correction) rather than toward zero, so it can be large.
     """
-    H = H.float()
-    Hd = H.clone()
-    Hd.diagonal().add_((damp if ridge is None else ridge) * torch.mean(torch.diag(H)))
+    W, H, C = W.float(), H.float(), C.float()
+    Hd = _dampen_(H.clone(), damp if ridge is None else ridge)
     if ridge is None:
         # W* = W C Hd^-1, i.e. Hd W*^T = C^T W^T (Hd is symmetric).
-        return torch.linalg.solve(Hd, C.float().t() @ W.float().t()).t()
+        return torch.linalg.solve(Hd, C.t() @ W.t()).t()
     # W* - W = W (C - H) Hd^-1, i.e. Hd (W* - W)^T = (C - H)^T W^T.
-    return W.float() + torch.linalg.solve(Hd, (C.float() - H).t() @ W.float().t()).t()
+    return W + torch.linalg.solve(Hd, (C - H).t() @ W.t()).t()
 
 
 def refit_scales(W: torch.Tensor, H: torch.Tensor, weight: QuantizedWeight, scale_dtype: torch.dtype) -> QuantizedWeight:
@@ -251,6 +250,13 @@ class GPTQResult:
     error: float  # relative reconstruction error on the calibration sample (see relative_error)
 
 
+def _dampen_(A: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``A + fraction * mean(diag A) * I``, in place (no identity matrix): GPTQ's damping and the
+    asymmetric target's ridge."""
+    A.diagonal().add_(fraction * torch.mean(torch.diag(A)))
+    return A
+
+
 def _cholesky_inverse_upper(prepare: Callable[[], torch.Tensor], damp: float,
                             max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists.
@@ -260,8 +266,7 @@ def _cholesky_inverse_upper(prepare: Callable[[], torch.Tensor], damp: float,
     K x K matrix), and a failed attempt asks for a new copy instead of keeping one aside.
     """
     while True:
-        A = prepare()
-        A.diagonal().add_(damp * torch.mean(torch.diag(A)))
+        A = _dampen_(prepare(), damp)
         info = torch.empty((), dtype=torch.int32, device=A.device)
         torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
