@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .data import tokenize
 from .errors import DataError
 from .precision import float32_block, float32_forward, model_compute_dtype
+from .residency import home_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,12 @@ def _windows(n_tokens: int, seq_len: int, stride: int | None, max_windows: int |
 def forward_precision(model, dtype: torch.dtype | str | None = "auto") -> tuple[torch.dtype | None, Callable]:
     """``(the dtype forwards compute in or None for the model's own, a factory of the context each
     forward runs in)`` for a ``dtype`` name as :func:`evaluate_perplexity` takes it."""
-    weight = next(model.parameters())
-    dtype = model_compute_dtype(model, str(dtype).removeprefix("torch.") if dtype is not None else None, weight.device)
+    device = home_device(model)  # the CPU for a model whose weights rest on disk
+    dtype = model_compute_dtype(model, str(dtype).removeprefix("torch.") if dtype is not None else None, device)
     if dtype is None:
         return None, contextlib.nullcontext
     if dtype != torch.float32:
-        return dtype, lambda: torch.autocast(weight.device.type, dtype=dtype)
+        return dtype, lambda: torch.autocast(device.type, dtype=dtype)
     from .models import ArchitectureError, decoder_blocks
 
     try:
@@ -111,7 +112,7 @@ def evaluate_perplexity(
     spans = _windows(ids.numel(), seq_len, stride, max_windows)
     if not spans or spans[0][1] - spans[0][0] < 2:
         raise DataError(f"the text has {ids.numel()} tokens, too few for one window of seq_len={seq_len}")
-    device = next(model.parameters()).device
+    device = home_device(model)  # the CPU for a model whose weights rest on disk
     if "dtype" in text_kwargs:  # its name before calibration and the CLI agreed on one
         warnings.warn("evaluate_perplexity(dtype=...) is now compute_dtype=...", FutureWarning, stacklevel=3)
         compute_dtype = text_kwargs.pop("dtype")

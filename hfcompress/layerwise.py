@@ -55,6 +55,9 @@ class DiskWeights:
     def __init__(self, model: nn.Module, refs: dict[str, Ref], spill: Path):
         self.model = model
         self.where = dict(refs)  # state-dict name -> the file holding its current value
+        # state-dict name -> the dtype the model holds it in between uses (a float32 checkpoint
+        # loaded in bfloat16 holds bfloat16 values, also while a forward computes them in float32)
+        self.rest = {name: tensor.dtype for name, tensor in model.state_dict(keep_vars=True).items()}
         self.spill = Path(spill)
         self.spill.mkdir(parents=True, exist_ok=True)
         self._spilled = 0
@@ -153,19 +156,28 @@ class DiskWeights:
         if target in self.where:
             self.where[name] = self.where[target]
 
+    @torch.inference_mode(False)  # ordinary tensors even while a forward reads them (see precision._raise)
     def _load(self, unit: str) -> None:
         loaded = self._loaded.setdefault(unit, [])
         for name, owner, attr, is_param in list(self._slots(unit)):
             current = (owner._parameters if is_param else owner._buffers)[attr]
             if not current.is_meta:
                 continue  # loaded through a tied alias already
-            tensor = self.source(name, current).load()  # in the model's dtype (float32 while it computes)
+            ref = self.source(name, current)
+            rest = self.rest.get(name, current.dtype)
+            if ref.stored.is_floating_point and current.is_floating_point() and rest != current.dtype:
+                # raised on the meta device to compute in float32 (precision.float32_forward): the
+                # values it holds at rest, raised, as the model in memory would compute with
+                tensor = dataclasses.replace(ref, dtype=rest).load().to(current.dtype)
+            else:
+                tensor = ref.load()  # in the model's dtype
             if is_param:
                 self._swap(current, nn.Parameter(tensor, requires_grad=current.requires_grad))
             else:
                 owner._buffers[attr] = tensor
             loaded.append((owner, attr, is_param))
 
+    @torch.inference_mode(False)
     def _release(self, unit: str) -> None:
         """Every tensor of the unit back to the meta device: those it holds now, and those it was
         loaded with, also in modules a stage has since replaced (a stage's own lists of the layers
@@ -211,6 +223,8 @@ class DiskWeights:
             for name, tensor in tensors.items():
                 writer.write(name, tensor)
         refs = file_refs([path])
+        self.rest.update({name: ref.stored for name, ref in refs.items()})
+        self.rest.update({name: refs[target].stored for name, target in aliases.items()})
         self.where.update(refs)
         self.where.update({name: refs[target] for name, target in aliases.items()})
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .residency import store_of
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -48,34 +50,46 @@ def resolve_compute_dtype(name: str | None, model_dtype: torch.dtype, device: to
 
 def model_compute_dtype(model: nn.Module, name: str | None, device: torch.device | None = None) -> torch.dtype | None:
     """:func:`resolve_compute_dtype` for ``model`` (its first floating-point weight's dtype), computed
-    on ``device`` (default: where that weight is)."""
+    on ``device`` (default: where that weight is; the CPU for a model whose weights are on disk)."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if weight is None or any(p.is_meta for p in model.parameters()):
+    if weight is None:
+        return None
+    on_disk = store_of(model) is not None  # resting on the meta device, each unit read in as it computes
+    if not on_disk and any(p.is_meta for p in model.parameters()):
         return None  # weights offloaded (accelerate brings them in per forward): they cannot be raised in place
-    return resolve_compute_dtype(name, weight.dtype, device or weight.device)
+    return resolve_compute_dtype(name, weight.dtype, device or (torch.device("cpu") if on_disk else weight.device))
+
+
+def _outside_inference_mode():
+    """The weights' new storage made as ordinary tensors even inside ``inference_mode`` (evaluation
+    runs there): inference tensors could not be trained later, and on the meta device (a model
+    resting on disk) ``.data`` refuses them outright."""
+    return torch.inference_mode(False)
 
 
 def _raise(module: nn.Module, skip: set[int] = frozenset()) -> dict[str, torch.dtype]:
     """Raise ``module``'s lower-precision floating parameters and buffers to float32 in place
     (``skip``: ids of tensors to leave); returns their names and dtypes."""
     raised: dict[str, torch.dtype] = {}
-    for prefix, child in module.named_modules(remove_duplicate=False):
-        for store in (child._parameters, child._buffers):
-            for key, tensor in store.items():
-                if tensor is not None and tensor.dtype in LOW_PRECISION and id(tensor) not in skip:
-                    raised.setdefault(f"{prefix}.{key}" if prefix else key, tensor.dtype)
-                    tensor.data = tensor.data.float()
+    with _outside_inference_mode():
+        for prefix, child in module.named_modules(remove_duplicate=False):
+            for store in (child._parameters, child._buffers):
+                for key, tensor in store.items():
+                    if tensor is not None and tensor.dtype in LOW_PRECISION and id(tensor) not in skip:
+                        raised.setdefault(f"{prefix}.{key}" if prefix else key, tensor.dtype)
+                        tensor.data = tensor.data.float()
     return raised
 
 
 def _lower(module: nn.Module, raised: dict[str, torch.dtype]) -> None:
     """Lower what :func:`_raise` raised, by name: tensors a stage put there since keep their dtype."""
-    for prefix, child in module.named_modules(remove_duplicate=False):
-        for store in (child._parameters, child._buffers):
-            for key, tensor in store.items():
-                dtype = raised.get(f"{prefix}.{key}" if prefix else key)
-                if tensor is not None and dtype is not None and tensor.dtype == torch.float32:
-                    tensor.data = tensor.data.to(dtype)
+    with _outside_inference_mode():
+        for prefix, child in module.named_modules(remove_duplicate=False):
+            for store in (child._parameters, child._buffers):
+                for key, tensor in store.items():
+                    dtype = raised.get(f"{prefix}.{key}" if prefix else key)
+                    if tensor is not None and dtype is not None and tensor.dtype == torch.float32:
+                        tensor.data = tensor.data.to(dtype)
 
 
 @contextmanager

@@ -21,9 +21,9 @@ def _digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _recipe(tmp_path, quantize: dict):
+def _recipe(tmp_path, quantize: dict, **calibration):
     path = tmp_path / "recipe.json"
-    path.write_text(json.dumps({"calibration": CALIBRATION, "stages": [{"quantize": quantize}]}))
+    path.write_text(json.dumps({"calibration": {**CALIBRATION, **calibration}, "stages": [{"quantize": quantize}]}))
     return str(path)
 
 
@@ -42,17 +42,20 @@ def _calibration_text(tmp_path):
     return str(text)
 
 
-@pytest.mark.parametrize("quantize, dtype", [
-    ({"method": "rtn", "bits": 4, "group_size": 32, "sym": True}, "float32"),
-    (GPTQ, "float32"),
-    ({**GPTQ, "asymmetric": 0.25, "mse": True}, "float32"),
-    ({**GPTQ, "group_size": 48}, "bfloat16"),  # a ragged last group: the native format
-    ({"method": "awq", "bits": 4, "group_size": 32, "sym": True}, "float32"),
+@pytest.mark.parametrize("quantize, dtype, compute", [
+    ({"method": "rtn", "bits": 4, "group_size": 32, "sym": True}, "float32", "auto"),
+    (GPTQ, "float32", "auto"),
+    ({**GPTQ, "asymmetric": 0.25, "mse": True}, "float32", "auto"),
+    ({**GPTQ, "group_size": 48}, "bfloat16", "auto"),  # a ragged last group: the native format
+    # A bfloat16 model computed in float32 (what auto picks on CPUs without bf16 instructions):
+    # the weights on disk are raised as they come in, from the bfloat16 values the model holds.
+    ({**GPTQ, "group_size": 48}, "bfloat16", "float32"),
+    ({"method": "awq", "bits": 4, "group_size": 32, "sym": True}, "float32", "auto"),
 ])
 @pytest.mark.parametrize("tied", [True, False])
-def test_layerwise_output_equals_in_memory(tmp_path, tiny_llama_dir, untied_llama_dir, quantize, dtype, tied):
+def test_layerwise_output_equals_in_memory(tmp_path, tiny_llama_dir, untied_llama_dir, quantize, dtype, compute, tied):
     source = tiny_llama_dir if tied else untied_llama_dir
-    recipe = _recipe(tmp_path, quantize)
+    recipe = _recipe(tmp_path, quantize, compute_dtype=compute)
     common = [str(source), "--recipe", recipe, "--no-eval", "--dtype", dtype, "--calibration-data",
               _calibration_text(tmp_path)]
     # The same output name (the model card names it) in two folders.
@@ -115,6 +118,24 @@ def test_blocks_load_one_at_a_time(tmp_path, tiny_llama_dir):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_bf16_model_on_disk_evaluated_in_float32_equals_it_in_memory(tmp_path, tiny_llama_dir, monkeypatch):
+    """Computing in float32 (auto, where bf16 is emulated) raises the weights from disk as they come
+    in, rounded to the bfloat16 the model holds (the float32 checkpoint's own values would differ)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress import precision
+    from hfcompress.evaluation import evaluate_perplexity
+
+    monkeypatch.setattr(precision, "native_precision", lambda dtype, device: dtype == torch.float32)
+    ids = torch.randint(0, 300, (300,), generator=torch.Generator().manual_seed(1))
+    memory = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    disk = open_on_disk(tiny_llama_dir, AutoModelForCausalLM, dtype="bfloat16", spill=tmp_path / "spill")
+    expected = evaluate_perplexity(memory, None, ids, seq_len=64, progress=False)
+    result = evaluate_perplexity(disk, None, ids, seq_len=64, progress=False)
+    assert result.dtype == expected.dtype == "float32" and result.nll == expected.nll
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in disk.parameters())  # at rest as before
 
 
 def test_layerwise_refuses_whole_model_stages(tmp_path, tiny_llama_dir, capsys):
