@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .residency import store_of
+from .residency import home_device, store_of
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -54,24 +54,19 @@ def model_compute_dtype(model: nn.Module, name: str | None, device: torch.device
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is None:
         return None
-    on_disk = store_of(model) is not None  # resting on the meta device, each unit read in as it computes
-    if not on_disk and any(p.is_meta for p in model.parameters()):
+    # A disk-backed model rests on the meta device and reads each unit in as it computes.
+    if store_of(model) is None and any(p.is_meta for p in model.parameters()):
         return None  # weights offloaded (accelerate brings them in per forward): they cannot be raised in place
-    return resolve_compute_dtype(name, weight.dtype, device or (torch.device("cpu") if on_disk else weight.device))
-
-
-def _outside_inference_mode():
-    """The weights' new storage made as ordinary tensors even inside ``inference_mode`` (evaluation
-    runs there): inference tensors could not be trained later, and on the meta device (a model
-    resting on disk) ``.data`` refuses them outright."""
-    return torch.inference_mode(False)
+    return resolve_compute_dtype(name, weight.dtype, device or home_device(model))
 
 
 def _raise(module: nn.Module, skip: set[int] = frozenset()) -> dict[str, torch.dtype]:
     """Raise ``module``'s lower-precision floating parameters and buffers to float32 in place
     (``skip``: ids of tensors to leave); returns their names and dtypes."""
     raised: dict[str, torch.dtype] = {}
-    with _outside_inference_mode():
+    # Ordinary tensors even inside inference_mode (evaluation runs there): inference tensors could
+    # not be trained later, and on the meta device (a model resting on disk) .data refuses them.
+    with torch.inference_mode(False):
         for prefix, child in module.named_modules(remove_duplicate=False):
             for store in (child._parameters, child._buffers):
                 for key, tensor in store.items():
@@ -83,7 +78,7 @@ def _raise(module: nn.Module, skip: set[int] = frozenset()) -> dict[str, torch.d
 
 def _lower(module: nn.Module, raised: dict[str, torch.dtype]) -> None:
     """Lower what :func:`_raise` raised, by name: tensors a stage put there since keep their dtype."""
-    with _outside_inference_mode():
+    with torch.inference_mode(False):  # as in _raise
         for prefix, child in module.named_modules(remove_duplicate=False):
             for store in (child._parameters, child._buffers):
                 for key, tensor in store.items():
