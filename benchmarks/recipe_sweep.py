@@ -32,6 +32,7 @@ def parse_args():
     parser.add_argument("--recipe", action="append", required=True, metavar="NAME=RECIPE")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows of 2048 tokens (seed 0)")
     parser.add_argument("--jsonl", type=Path, help="append each recipe's line here too")
+    parser.add_argument("--save", type=Path, help="save each compressed model to SAVE/NAME (for a later look)")
     args = parser.parse_args()
     args.recipe = named_recipes(parser, args.recipe)
     return args
@@ -63,6 +64,8 @@ def main():
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if args.save:  # after the measurement, which it must not touch
+            model.save_pretrained(args.save / name)
 
 
 if __name__ == "__main__":
