@@ -297,7 +297,7 @@ class QuantizeStage(_Section):
 
     name: ClassVar[str] = "quantize"
     GPTQ_KEYS: ClassVar[tuple[str, ...]] = (
-        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "mse_step", "true_sequential",
+        "act_order", "static_groups", "damp", "shrink", "block_size", "mse", "mse_step", "mse_grow", "true_sequential",
         "asymmetric", "asymmetric_damp", "refit", "hessian_dtype", "tune", "tune_lr", "tune_norms", "tune_codes",
         "tune_target")
 
@@ -321,6 +321,10 @@ class QuantizeStage(_Section):
     # The clipping search measures every mse_step-th of its 80 ranges, then those around each row's
     # best (1: all of them; 4: a third of the search's time).
     mse_step: int = 1
+    # The widest range the clipping search tries, a multiple of the group's full range. A symmetric
+    # grid has one level more below zero than above (3 bits: -4..3 steps), so the full range clips
+    # a group's largest positive weight to 6/7 of it; 7/6 lets the top level reach it.
+    mse_grow: float = 1.0
     # Off by default: on a chained model it runs all windows through a block in one call, holding
     # that block's activations for every window at once (SmolLM2, 32 x 2048 tokens: +1.6 GB), and
     # plain GPTQ gained nothing from the order (first 20 WikiText-2 windows: 25.91 with it, 25.75
@@ -407,6 +411,11 @@ class QuantizeStage(_Section):
             raise RecipeError(f"mse_step: {shown(self.mse_step)} must be a whole number, 1 (every range) or more")
         if self.mse_step > 1 and not self.mse:
             raise RecipeError("mse_step: sets the clipping search's stride; set mse: true as well")
+        if isinstance(self.mse_grow, bool) or not isinstance(self.mse_grow, (int, float)) or not 1 <= self.mse_grow <= 2:
+            raise RecipeError(f"mse_grow: {shown(self.mse_grow)} must lie in [1, 2]: the widest range the clipping "
+                              "search tries, a multiple of the group's full range")
+        if self.mse_grow != 1 and not self.mse:
+            raise RecipeError("mse_grow: widens the clipping search; set mse: true as well")
         if self.hessian_dtype is not None and self.hessian_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise RecipeError(f"hessian_dtype: {shown(self.hessian_dtype)} is not a dtype for GPTQ's products; valid: "
                               "auto, float32, bfloat16, float16 (or leave it out: the calibration's compute_dtype)")

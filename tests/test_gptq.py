@@ -132,6 +132,24 @@ def test_weighted_clipping_search_protects_high_energy_columns():
     assert err(weighted) < 0.9 * err(plain)
 
 
+def test_wider_clipping_search_reaches_a_large_positive_weight():
+    """A symmetric 3-bit grid's levels run -4..3 steps: its full range ``max|w|`` tops out at 6/7 of
+    a largest weight that is positive. With ``grow = 7/6`` the search can put its top level on it
+    (what SmolLM2's massive-activation ``down_proj`` rows need, benchmarks/README.md), and its
+    error is never above the plain search's (it measures a superset of the ranges)."""
+    torch.manual_seed(8)
+    w = torch.randn(64, 64) * 0.01
+    w[:, 5] = 1.0  # one dominant weight per row, positive
+    err = lambda sz: (sz[0][:, None] * (quantize(w, *sz, 7) - sz[1][:, None]) - w).abs().pow(2.4).sum(1)  # noqa: E731
+    plain = find_scale_zero_mse(w, 3, sym=True)
+    wider = find_scale_zero_mse(w, 3, sym=True, grow=7 / 6)
+    assert bool((err(wider) <= err(plain)).all()) and float(err(wider).sum()) < 0.5 * float(err(plain).sum())
+    top = wider[0] * (quantize(w, *wider, 7)[:, 5] - wider[1])  # the dominant weight, dequantized
+    assert torch.allclose(top, torch.ones(64), atol=0.01)
+    assert bool((plain[0] * 3 < 0.9).all())  # the plain search's top level clips it
+    assert torch.equal(find_scale_zero_mse(w, 3, sym=True, grow=1.0)[0], plain[0])
+
+
 def test_better_than_rtn_on_correlated_inputs():
     torch.manual_seed(5)
     W = torch.randn(64, 128)
@@ -198,3 +216,13 @@ def test_clipping_search_with_a_stride_refines_around_the_coarse_best(bits):
     chosen = errors[expected, rows]
     assert bool((chosen <= errors[coarse, rows]).all()) and bool((chosen >= errors.min(0).values).all())
     assert float((chosen == errors.min(0).values).float().mean()) > 0.8
+
+
+def test_recipe_checks_the_wider_clipping_search():
+    from hfcompress.recipe import QuantizeStage, RecipeError
+
+    with pytest.raises(RecipeError, match=r"mse_grow: 0.9 must lie in \[1, 2\]"):
+        QuantizeStage.from_dict({"method": "gptq", "mse": True, "mse_grow": 0.9})
+    with pytest.raises(RecipeError, match="mse_grow: widens the clipping search; set mse: true"):
+        QuantizeStage.from_dict({"method": "gptq", "mse_grow": 1.17})
+    assert QuantizeStage.from_dict({"method": "gptq", "mse": True, "mse_grow": 1.17}).mse_grow == 1.17

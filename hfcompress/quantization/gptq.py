@@ -119,12 +119,14 @@ def input_statistics(x: torch.Tensor, compute_dtype: torch.dtype | None = None,
 
 def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
                         norm: float = 2.4, column_weight: torch.Tensor | None = None,
-                        budget: int = 1 << 26, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                        budget: int = 1 << 26, step: int = 1, grow: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`find_scale_zero`, but shrink the range while the ``norm``-error drops.
 
-    Tries ``grid`` ranges from the full one down to ``1 - max_shrink`` of it (the GPTQ code's
-    search); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes ``diag(H)``). Ties
-    keep the wider range. Candidates are measured together, ``budget`` bytes of them at a time.
+    Tries ranges in steps of ``1 / grid`` of the full one, from ``grow`` times it down to
+    ``1 - max_shrink`` of it (the GPTQ code's search has ``grow = 1``; a symmetric grid has one
+    level more below zero than above, so only ``grow > 1`` lets its top level reach a largest
+    weight that is positive); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes
+    ``diag(H)``). Ties keep the wider range. Candidates are measured together, ``budget`` bytes of them at a time.
     With ``step`` > 1 every ``step``-th range is measured, then, for each row, the ``step - 1``
     on either side of its best (a third of the work at 4; a row whose error curve has its
     minimum in a narrow dip between two measured ranges may settle for a near one).
@@ -137,7 +139,8 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     # ulp here and there, and the codes those ulps flip are amplified by later blocks' calibration:
     # benchmarks/README.md, "Issue 20's rows".)
     low, high = torch.aminmax(w, dim=1)
-    shrinks = torch.tensor([1 - i / grid for i in range(int(max_shrink * grid))], device=w.device)
+    wider = round((grow - 1) * grid)
+    shrinks = torch.tensor([1 - i / grid for i in range(-wider, int(max_shrink * grid))], device=w.device)
     best_scale, best_zero = scale_zero_of_range(low, high, bits, sym)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_index = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
@@ -295,6 +298,7 @@ def gptq_quantize(
     static_groups: bool = False,
     mse: bool = False,
     mse_step: int = 1,
+    mse_grow: float = 1.0,
     shrink: float = 0.0,
     scale_dtype: torch.dtype = torch.float16,
     measure: bool = True,
@@ -312,7 +316,7 @@ def gptq_quantize(
         # The clipping search weighs each column's error by its input energy H[j, j]: a column
         # that sees large inputs costs more output error per unit of weight error.
         if mse:
-            return find_scale_zero_mse(w, bits, sym, column_weight=energy, step=mse_step)
+            return find_scale_zero_mse(w, bits, sym, column_weight=energy, step=mse_step, grow=mse_grow)
         return find_scale_zero(w, bits, sym)
 
     # Only H's diagonal is needed outside the factorization; the working K x K matrix is built

@@ -196,7 +196,8 @@ class GPTQBlockQuantizer:
             W = W + s.asymmetric * (asymmetric_target(W, H, cross.to(W.device), s.damp, s.asymmetric_damp) - W)
         stacked = gptq_quantize(W, H, fmt.bits, fmt.group_size, fmt.sym, damp=s.damp,
                                 block_size=s.block_size, act_order=s.act_order, static_groups=s.static_groups,
-                                mse=s.mse, mse_step=s.mse_step, shrink=s.shrink, scale_dtype=fmt.torch_scale_dtype,
+                                mse=s.mse, mse_step=s.mse_step, mse_grow=s.mse_grow, shrink=s.shrink,
+                                scale_dtype=fmt.torch_scale_dtype,
                                 measure=False)  # each module's error is measured below
         quantized = stacked.weight
         if s.refit:
