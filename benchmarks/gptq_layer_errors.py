@@ -1,5 +1,5 @@
 """GPTQ settings compared layer by layer on SmolLM2, without a whole-model run: each linear's
-relative output error on held-out text, under each ``shrink:damp`` variant.
+relative output error on held-out text, under each ``shrink:damp[:mse_grow]`` variant.
 
 The Hessians come from one forward pass of the float model: the calibration windows (Austen,
 seed 0) and two held-out sets, other Austen windows (seed 1) and the last windows of a second
@@ -12,6 +12,7 @@ calibration Hessian (float inputs: no error carried from earlier layers) and rep
 each variant's error relative to the first variant's.
 
     python benchmarks/gptq_layer_errors.py --other kjv.txt --bits 3 --variants 0.5:0.01,0.25:0.01,0:0.01
+    python benchmarks/gptq_layer_errors.py --other kjv.txt --bits 3 --blocks 2,11 --variants 0.5:0.01,0.5:0.01:1.17
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def parse_args():
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--blocks", default="0,3,6,9,11,12,15,18,21,24,27,28,29")
-    parser.add_argument("--variants", default="0.5:0.01,0.25:0.01,0:0.01,0.75:0.01", help="shrink:damp,...")
+    parser.add_argument("--variants", default="0.5:0.01,0.25:0.01,0:0.01,0.75:0.01", help="shrink:damp[:mse_grow],... (mse_grow: 1 unless given)")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 2048 tokens")
     parser.add_argument("--held", type=int, default=4, help="held-out windows of each text")
     return parser.parse_args()
@@ -75,6 +76,11 @@ def hessians(model, names: dict[str, str], sets: dict[str, torch.Tensor]) -> dic
     return found
 
 
+def label(variant: tuple[float, float, float]) -> str:
+    shrink, damp, grow = variant
+    return f"shrink {shrink} damp {damp}" + (f" mse_grow {grow}" if grow != 1 else "")
+
+
 def main():
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -96,29 +102,30 @@ def main():
     blocks = [int(b) for b in args.blocks.split(",")]
     names = {f"{b}.{kind}": f"model.layers.{b}.{name}" for b in blocks for kind, name in KINDS.items()}
     H = hessians(model, names, sets)
-    variants = [tuple(float(v) for v in item.split(":")) for item in args.variants.split(",")]
+    variants = [(*(float(v) for v in item.split(":")), 1.0)[:3] for item in args.variants.split(",")]
     errors: dict[str, dict[tuple, dict[str, float]]] = defaultdict(dict)
     for key, name in names.items():
         W = model.get_submodule(name).weight
-        for shrink, damp in variants:
+        for shrink, damp, grow in variants:
             q = gptq_quantize(W, H[key, "calib"], args.bits, args.group_size, True, damp=damp, shrink=shrink,
-                              act_order=True, static_groups=True, mse=True, measure=False).weight
+                              act_order=True, static_groups=True, mse=True, mse_grow=grow, measure=False).weight
             row = {held: relative_error(W, q, H[key, f"{held}.sink"] + H[key, f"{held}.rest"]) for held in ("austen", "other")}
             row.update({f"{held}_rest": relative_error(W, q, H[key, f"{held}.rest"]) for held in ("austen", "other")})
-            errors[key][shrink, damp] = row
-            print(json.dumps({"layer": key, "shrink": shrink, "damp": damp, **row}), flush=True)
+            errors[key][shrink, damp, grow] = row
+            print(json.dumps({"layer": key, "shrink": shrink, "damp": damp, "mse_grow": grow, **row}), flush=True)
     summary = {}
     first = variants[0]
     for variant in variants:
         for kind in [*KINDS, "all"]:
             keys = [k for k in errors if kind == "all" or k.endswith(f".{kind}")]
-            summary[f"shrink {variant[0]} damp {variant[1]} {kind}"] = {
+            summary[f"{label(variant)} {kind}"] = {
                 metric: round(math.exp(sum(math.log(errors[k][variant][metric] / errors[k][first][metric]) for k in keys)
                                        / len(keys)), 4)
                 for metric in ("austen", "other", "austen_rest", "other_rest")}
     print(json.dumps(summary, indent=1))
     if args.json:
-        args.json.write_text(json.dumps({"layers": {k: {f"{s}:{d}": v for (s, d), v in e.items()} for k, e in errors.items()},
+        args.json.write_text(json.dumps({"layers": {k: {":".join(map(str, variant)): v for variant, v in e.items()}
+                                                    for k, e in errors.items()},
                                          "relative_to_first": summary}, indent=1) + "\n")
 
 
