@@ -38,7 +38,8 @@ def parse_args():
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--blocks", default="0,3,6,9,11,12,15,18,21,24,27,28,29")
-    parser.add_argument("--variants", default="0.5:0.01,0.25:0.01,0:0.01,0.75:0.01", help="shrink:damp[:mse_grow],... (mse_grow: 1 unless given)")
+    parser.add_argument("--variants", default="0.5:0.01,0.25:0.01,0:0.01,0.75:0.01",
+                        help="shrink:damp[:mse_grow],... (mse_grow: 1 unless given)")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 2048 tokens")
     parser.add_argument("--held", type=int, default=4, help="held-out windows of each text")
     return parser.parse_args()
@@ -76,6 +77,12 @@ def hessians(model, names: dict[str, str], sets: dict[str, torch.Tensor]) -> dic
     return found
 
 
+def variant_of(item: str) -> tuple[float, float, float]:
+    """``shrink:damp`` or ``shrink:damp:mse_grow`` -> ``(shrink, damp, mse_grow)``."""
+    shrink, damp, grow = (item + ":1").split(":")[:3]
+    return float(shrink), float(damp), float(grow)
+
+
 def label(variant: tuple[float, float, float]) -> str:
     shrink, damp, grow = variant
     return f"shrink {shrink} damp {damp}" + (f" mse_grow {grow}" if grow != 1 else "")
@@ -102,7 +109,7 @@ def main():
     blocks = [int(b) for b in args.blocks.split(",")]
     names = {f"{b}.{kind}": f"model.layers.{b}.{name}" for b in blocks for kind, name in KINDS.items()}
     H = hessians(model, names, sets)
-    variants = [(*(float(v) for v in item.split(":")), 1.0)[:3] for item in args.variants.split(",")]
+    variants = [variant_of(item) for item in args.variants.split(",")]
     errors: dict[str, dict[tuple, dict[str, float]]] = defaultdict(dict)
     for key, name in names.items():
         W = model.get_submodule(name).weight

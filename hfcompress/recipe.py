@@ -411,7 +411,7 @@ class QuantizeStage(_Section):
             raise RecipeError(f"mse_step: {shown(self.mse_step)} must be a whole number, 1 (every range) or more")
         if self.mse_step > 1 and not self.mse:
             raise RecipeError("mse_step: sets the clipping search's stride; set mse: true as well")
-        if isinstance(self.mse_grow, bool) or not isinstance(self.mse_grow, (int, float)) or not 1 <= self.mse_grow <= 2:
+        if not 1 <= self.mse_grow <= 2:  # its type is checked with every key's
             raise RecipeError(f"mse_grow: {shown(self.mse_grow)} must lie in [1, 2]: the widest range the clipping "
                               "search tries, a multiple of the group's full range")
         if self.mse_grow != 1 and not self.mse:

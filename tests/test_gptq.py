@@ -9,6 +9,7 @@ import torch
 from hfcompress.quantization.grid import find_scale_zero, quantize
 from hfcompress.quantization.gptq import accumulate_hessian, find_scale_zero_mse, gptq_quantize
 from hfcompress.quantization.rtn import quantize_rtn
+from hfcompress.recipe import QuantizeStage, RecipeError
 
 
 def hessian(X):
@@ -219,8 +220,6 @@ def test_clipping_search_with_a_stride_refines_around_the_coarse_best(bits):
 
 
 def test_recipe_checks_the_wider_clipping_search():
-    from hfcompress.recipe import QuantizeStage, RecipeError
-
     with pytest.raises(RecipeError, match=r"mse_grow: 0.9 must lie in \[1, 2\]"):
         QuantizeStage.from_dict({"method": "gptq", "mse": True, "mse_grow": 0.9})
     with pytest.raises(RecipeError, match="mse_grow: widens the clipping search; set mse: true"):

@@ -126,8 +126,8 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     ``1 - max_shrink`` of it (the GPTQ code's search has ``grow = 1``; a symmetric grid has one
     level more below zero than above, so only ``grow > 1`` lets its top level reach a largest
     weight that is positive); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes
-    ``diag(H)``). Ties keep the wider range. Candidates are measured together, ``budget`` bytes of them at a time.
-    With ``step`` > 1 every ``step``-th range is measured, then, for each row, the ``step - 1``
+    ``diag(H)``). Ties keep the wider range. Candidates are measured together, ``budget`` bytes of
+    them at a time. With ``step`` > 1 every ``step``-th range is measured, then, for each row, the ``step - 1``
     on either side of its best (a third of the work at 4; a row whose error curve has its
     minimum in a narrow dip between two measured ranges may settle for a near one).
     """
@@ -139,17 +139,17 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     # ulp here and there, and the codes those ulps flip are amplified by later blocks' calibration:
     # benchmarks/README.md, "Issue 20's rows".)
     low, high = torch.aminmax(w, dim=1)
-    wider = round((grow - 1) * grid)
-    shrinks = torch.tensor([1 - i / grid for i in range(-wider, int(max_shrink * grid))], device=w.device)
+    wider = round((grow - 1) * grid)  # ranges above the full one
+    factors = torch.tensor([1 - i / grid for i in range(-wider, int(max_shrink * grid))], device=w.device)
     best_scale, best_zero = scale_zero_of_range(low, high, bits, sym)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_index = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
 
     def measure(candidates: torch.Tensor) -> None:
-        """Keep each row's best of ``candidates`` ``[c, N]`` (indices into ``shrinks``, widest first)."""
+        """Keep each row's best of ``candidates`` ``[c, N]`` (indices into ``factors``, widest first)."""
         nonlocal best_scale, best_zero, best_err, best_index
         for part in candidates.split(max(1, budget // (4 * w.numel()))):
-            p = shrinks[part]
+            p = factors[part]
             scale, zero = scale_zero_of_range(low * p, high * p, bits, sym)  # [c, N]
             err = quantize(w, scale, zero, maxq).sub_(zero[..., None]).mul_(scale[..., None]).sub_(w).abs_().pow_(norm)
             err = (err if column_weight is None else err.mul_(column_weight)).sum(-1)
@@ -161,11 +161,11 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
             best_index = torch.where(better, part.gather(0, pick[None])[0], best_index)
 
     rows = w.shape[0]
-    everything = torch.arange(len(shrinks), device=w.device)
+    everything = torch.arange(len(factors), device=w.device)
     measure(everything[::step, None].expand(-1, rows))
     if step > 1:  # the neighbours of each row's best, nearest the full range first
         around = (best_index[None] + torch.arange(1 - step, step, device=w.device)[:, None])
-        measure(around.clamp(0, len(shrinks) - 1))
+        measure(around.clamp(0, len(factors) - 1))
     return best_scale, best_zero
 
 
