@@ -127,9 +127,9 @@ def find_scale_zero_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, 
     level more below zero than above, so only ``grow > 1`` lets its top level reach a largest
     weight that is positive); ``column_weight`` ``[k]`` weighs each column's error (GPTQ passes
     ``diag(H)``). Ties keep the wider range. Candidates are measured together, ``budget`` bytes of
-    them at a time. With ``step`` > 1 every ``step``-th range is measured, then, for each row, the ``step - 1``
-    on either side of its best (a third of the work at 4; a row whose error curve has its
-    minimum in a narrow dip between two measured ranges may settle for a near one).
+    them at a time. With ``step`` > 1 every ``step``-th range is measured, then, for each row,
+    the ``step - 1`` on either side of its best (a third of the work at 4; a row whose error
+    curve has its minimum in a narrow dip between two measured ranges may settle for a near one).
     """
     w = w.float()
     maxq = 2**bits - 1
