@@ -11,7 +11,9 @@ perplexity (2048-token windows, the whole split unless ``--eval-windows``), weig
 disk, whether the reload gives bit-identical logits, and the training time.
 
 A run takes hours on a small CPU machine; run the same command again after a stop and it
-continues where it was (see ``training.py``).
+continues where it was (see ``training.py``). ``--start 3=FOLDER`` heals a model an earlier run
+saved instead of quantizing one, and ``--skip-tokens`` gives that second run the text after the
+first run's. Saved models carry the tokenizer, so ``hfcompress eval FOLDER`` reads them.
 
     python benchmarks/qad.py --json qad.json     # on the GPU when there is one (--device)
 """
@@ -42,6 +44,9 @@ def parse_args():
     parser.add_argument("--recipe", action="append", default=[], metavar="BITS=RECIPE",
                         help="quantize the BITS-bit model with this recipe (a bundled name or a YAML file) instead "
                              "of the bundled GPTQ one; use a --work of its own per recipe")
+    parser.add_argument("--start", action="append", default=[], metavar="BITS=FOLDER",
+                        help="heal this saved BITS-bit model (one a run of this script saved, say) instead of "
+                             "quantizing one; with --skip-tokens, a continued run trains on new text")
     parser.add_argument("--skip-ce", action="store_true", help="train with QAD only, not the cross-entropy baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where GPTQ, training and evaluation run (Trainer takes the GPU when there is one)")
@@ -51,13 +56,20 @@ def parse_args():
         if not bits.isdigit() or int(bits) not in RECIPES:
             parser.error(f"--recipe {bits}={recipe}: BITS is one of {sorted(RECIPES)}")
         args.recipes[int(bits)] = recipe
+    args.starts = {}
+    for item in args.start:
+        bits, _, folder = item.partition("=")
+        if not bits.isdigit() or int(bits) not in RECIPES or not (Path(folder) / "config.json").is_file():
+            parser.error(f"--start {item}: expected BITS=FOLDER, BITS one of {sorted(RECIPES)} and FOLDER a saved model")
+        args.starts[int(bits)] = Path(folder).resolve()
     return args
 
 
 def protocol_of(args, steps: int) -> dict:
     return {
         "teacher": "SmolLM2-135M-Instruct (bundled GGUF, float32)",
-        "quantized": {bits: f"recipe {args.recipes[bits]}, {args.samples} x 2048 austen/ windows (seed 0)"
+        "quantized": {bits: f"saved model {args.starts[bits]}" if bits in args.starts else
+                      f"recipe {args.recipes[bits]}, {args.samples} x 2048 austen/ windows (seed 0)"
                       for bits in args.bits},
         "trained": "group scales only (log-parameterized); codes, norms, embeddings frozen",
         "training": training_protocol(args, steps),
@@ -91,13 +103,15 @@ def main():
     probe = wiki[: 2 * 256].view(2, 256).to(device)  # logits compared after save and reload
 
     def quantized_folder(bits: int) -> Path:
+        if bits in args.starts:
+            return args.starts[bits]
         folder = args.work / f"gptq-w{bits}"
         if not folder.exists():
             windows = save_windows(tokenizer, args.data / "austen", args.samples, 2048, 0,
                                    args.work / "windows.safetensors")
             model = AutoModelForCausalLM.from_pretrained(checkpoint)
             hfcompress.compress(model, args.recipes[bits], calibration_data=windows, device=device)
-            save_atomically(model, folder)
+            save_atomically(model, folder, tokenizer=tokenizer)
         return folder
 
     def heal(name: str, bits: int, distill: bool):
@@ -115,7 +129,7 @@ def main():
             with torch.no_grad():
                 logits = student(probe).logits
             save_atomically(student, final, {"train_seconds": seconds, "final_train_loss": loss,
-                                             "trained_values": trainable})
+                                             "trained_values": trainable}, tokenizer)
             reloaded = load(final).eval()
             with torch.no_grad():
                 identical = torch.equal(reloaded(probe).logits, logits)

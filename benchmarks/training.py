@@ -24,6 +24,8 @@ CLOCK_FILE = "training_clock.json"
 
 def add_training_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training budget in tokens")
+    parser.add_argument("--skip-tokens", type=int, default=0,
+                        help="train on the text after the first N tokens (a continued run sees new text)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -37,7 +39,7 @@ def prepare(args):
     WikiText-2 token ids, and the training blocks of ``austen/``."""
     import logging
 
-    from hfcompress.distillation import packed_dataset
+    from hfcompress.distillation import PackedBlocks
     from hfcompress.data import tokenize
     from hfcompress.evaluation import evaluate_perplexity
 
@@ -50,7 +52,11 @@ def prepare(args):
         model.eval()
         return round(evaluate_perplexity(model, tokenizer, wiki, seq_len=2048, max_windows=args.eval_windows).perplexity, 3)
 
-    blocks = packed_dataset(tokenizer, args.data / "austen", args.seq_len, max_tokens=args.tokens)
+    text = tokenize(tokenizer, args.data / "austen")
+    if args.skip_tokens + args.tokens > len(text):
+        raise SystemExit(f"--skip-tokens {args.skip_tokens} + --tokens {args.tokens} is more than the "
+                         f"{len(text)} tokens of austen/: ask for fewer")
+    blocks = PackedBlocks(text[args.skip_tokens: args.skip_tokens + args.tokens], args.seq_len)
     return checkpoint, tokenizer, ppl, wiki, blocks
 
 
@@ -63,7 +69,8 @@ def training_arguments(args, output: Path, steps: int, cls):
 
 
 def training_protocol(args, steps: int) -> str:
-    return (f"{steps} steps x {args.batch_size} x {args.seq_len} tokens of austen/ "
+    after = f" after its first {args.skip_tokens}" if args.skip_tokens else ""
+    return (f"{steps} steps x {args.batch_size} x {args.seq_len} tokens of austen/{after} "
             f"({steps * args.batch_size * args.seq_len} tokens), lr {args.lr} cosine, warmup {args.warmup}, "
             f"{'bf16 autocast' if args.bf16 else 'float32'}")
 
@@ -98,11 +105,16 @@ def train(trainer, output: Path) -> tuple[float, float | None]:
     return round(clock.seconds(), 1), losses[-1] if losses else None
 
 
-def save_atomically(model, folder: Path, clock: dict | None = None) -> None:
-    """A model (and its training clock), under its final name only once complete."""
+def save_atomically(model, folder: Path, clock: dict | None = None, tokenizer=None) -> None:
+    """A model (its training clock, its tokenizer), under its final name only once complete.
+
+    With the tokenizer beside it, ``hfcompress eval FOLDER`` reads the folder as it is.
+    """
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
     if clock is not None:
         (partial / CLOCK_FILE).write_text(json.dumps(clock))
     partial.rename(folder)
