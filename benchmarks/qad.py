@@ -2,10 +2,11 @@
 
 SmolLM2-135M-Instruct (float32) is quantized with the bundled ``w3g64-gptq`` and ``w4g64-gptq``
 recipes, calibrated on ``--samples`` windows of 2048 tokens of ``../shared/data/austen/`` (seed 0).
-Each quantized model then trains its group scales only (the packed codes stay; the scales train
-as their logarithm, ``hfcompress.quantization.trainable``) on the same packed Austen blocks in the
-same order, with the same schedule, twice: with ``DistillationTrainer`` from the float model
-(forward KL at ``--temperature``: QAD) and with cross-entropy on the text. Then the trained
+Each quantized model then trains its group scales (the packed codes stay; the scales train as
+their logarithm, ``hfcompress.quantization.trainable``), and with ``--train scales norms`` the
+norms' weights too, on the same packed Austen blocks in the same order, with the same schedule,
+twice: with ``DistillationTrainer`` from the float model (forward KL at ``--temperature``: QAD)
+and with cross-entropy on the text. Then the trained
 scales are frozen into the packed format, saved and reloaded, and for each model: WikiText-2
 perplexity (2048-token windows, the whole split unless ``--eval-windows``), weight bytes on
 disk, whether the reload gives bit-identical logits, and the training time.
@@ -33,6 +34,9 @@ from training import CLOCK_FILE, Phases, add_training_arguments, prepare, save_a
     training_protocol  # noqa: E402
 
 RECIPES = {3: "w3g64-gptq", 4: "w4g64-gptq"}
+TRAINED = {("scales",): "group scales only (log-parameterized); codes, norms, embeddings frozen",
+           ("norms",): "norm weights only; codes, scales, embeddings frozen",
+           ("norms", "scales"): "group scales (log-parameterized) and norm weights; codes, embeddings frozen"}
 
 
 def parse_args():
@@ -48,6 +52,9 @@ def parse_args():
                         help="heal this saved BITS-bit model (one a run of this script saved, say) instead of "
                              "quantizing one; with --skip-tokens, a continued run trains on new text")
     parser.add_argument("--skip-ce", action="store_true", help="train with QAD only, not the cross-entropy baseline")
+    parser.add_argument("--train", nargs="+", default=["scales"], choices=["scales", "norms"],
+                        help="what trains: the group scales, and the norms' weights with them (as a recipe's "
+                             "distill stage takes train: [scales, norms])")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where GPTQ, training and evaluation run (Trainer takes the GPU when there is one)")
     args = parser.parse_args()
@@ -71,7 +78,7 @@ def protocol_of(args, steps: int) -> dict:
         "quantized": {bits: f"saved model {args.starts[bits]}" if bits in args.starts else
                       f"recipe {args.recipes[bits]}, {args.samples} x 2048 austen/ windows (seed 0)"
                       for bits in args.bits},
-        "trained": "group scales only (log-parameterized); codes, norms, embeddings frozen",
+        "trained": TRAINED[tuple(sorted(set(args.train)))],
         "training": training_protocol(args, steps),
         "qad": f"DistillationTrainer from the float model, forward KL, temperature {args.temperature}",
         "ce": "DistillationTrainer with the cross-entropy term only (no teacher)",
@@ -83,7 +90,8 @@ def protocol_of(args, steps: int) -> dict:
 def main():
     import hfcompress
     from hfcompress.distillation import DistillationTrainer, DistillationTrainingArguments
-    from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
+    from hfcompress.distillation.stage import make_trainable
+    from hfcompress.quantization.trainable import freeze_scales
     from transformers import AutoModelForCausalLM
 
     args = parse_args()
@@ -115,11 +123,11 @@ def main():
         return folder
 
     def heal(name: str, bits: int, distill: bool):
-        """Train the scales of the w{bits} model (QAD or CE), freeze them, save, reload."""
+        """Train the scales (and norms) of the w{bits} model (QAD or CE), freeze them, save, reload."""
         final = args.work / f"{name}-final"
         if not final.exists():
-            student = AutoModelForCausalLM.from_pretrained(quantized_folder(bits)).requires_grad_(False)
-            trainable = sum(p.numel() for p in make_scales_trainable(student))
+            student = AutoModelForCausalLM.from_pretrained(quantized_folder(bits))
+            trainable = make_trainable(student, args.train)
             options = training_arguments(args, args.work / name, steps, DistillationTrainingArguments)
             options.temperature = args.temperature
             options.kl_weight, options.ce_weight = (1.0, 0.0) if distill else (0.0, 1.0)

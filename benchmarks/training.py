@@ -125,6 +125,7 @@ class Phases:
     def __init__(self, work: Path, protocol: dict):
         self.work, self.state = work, work / "results.json"
         results = json.loads(self.state.read_text()) if self.state.exists() else {}
+        protocol = json.loads(json.dumps(protocol))  # as stored: JSON keys are strings (a key 3 reads back as "3")
         self.results = results if results.get("protocol") == protocol else {"protocol": protocol, "models": {}}
 
     def done(self, name: str) -> bool:

@@ -200,6 +200,29 @@ def test_quantize_then_distill_heals_the_scales_and_stays_packed(tmp_path, sym):
         assert torch.equal(reloaded(data).logits, model(data).logits)
 
 
+def test_distill_trains_the_norms_with_the_scales_and_nothing_else(tmp_path):
+    """``train: [scales, norms]``: the norms' weights and the group scales move, the packed codes,
+    the embeddings and the LM head stay; the trained norms save as plain float weights."""
+    teacher = peaked_teacher()
+    data = IDS[: 8 * 32].view(8, 32)
+    quantize = {"quantize": {"method": "rtn", "bits": 3, "group_size": 32}}
+    quantized = hfcompress.compress(copy.deepcopy(teacher), {"stages": [quantize]})
+    model = copy.deepcopy(teacher)
+    recipe = {"stages": [quantize, {"distill": {"teacher": "original", "steps": 8, "seq_len": 32, "batch_size": 8,
+                                                "lr": 1e-2, "warmup": 0.0, "train": ["scales", "norms"]}}]}
+    hfcompress.compress(model, recipe, calibration_data=data)
+    before, after = quantized.state_dict(), model.state_dict()
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    norms = {k for k in before if "norm" in k}
+    assert norms and norms <= moved
+    assert {k for k in before if k.endswith(".scales")} & moved
+    assert moved <= norms | {k for k in before if k.endswith(".scales")}  # codes, embeddings and head as they were
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(reloaded[k], after[k]) for k in norms)
+
+
 def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path):
     from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
 

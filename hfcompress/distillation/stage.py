@@ -71,7 +71,7 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
         requires_grad = {p: p.requires_grad for p in model.parameters()}
         student = _with_adapters(model, stage.lora_rank) if "lora" in parts else model
         try:
-            trainable = _make_trainable(student, parts)
+            trainable = make_trainable(student, parts)
             logger.info("distill: training %s (%s values)", ", ".join(parts), f"{trainable:,}")
             trainer = DistillationTrainer(student, args, teacher_model=teacher, train_dataset=dataset)
             trainer.train()
@@ -124,7 +124,7 @@ def _parts(stage: DistillStage, config: CompressionConfig) -> list[str]:
     return parts
 
 
-def _make_trainable(model: nn.Module, parts: list[str]) -> int:
+def make_trainable(model: nn.Module, parts: list[str]) -> int:
     """Set what trains (``weights``, ``scales``, ``norms``); return the number of trainable values."""
     if "weights" not in parts:
         model.requires_grad_(False)
