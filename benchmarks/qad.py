@@ -6,10 +6,10 @@ Each quantized model then trains its group scales (the packed codes stay; the sc
 their logarithm, ``hfcompress.quantization.trainable``), and with ``--train scales norms`` the
 norms' weights too, on the same packed Austen blocks in the same order, with the same schedule,
 twice: with ``DistillationTrainer`` from the float model (forward KL at ``--temperature``: QAD)
-and with cross-entropy on the text. Then the trained
-scales are frozen into the packed format, saved and reloaded, and for each model: WikiText-2
-perplexity (2048-token windows, the whole split unless ``--eval-windows``), weight bytes on
-disk, whether the reload gives bit-identical logits, and the training time.
+and with cross-entropy on the text. Then the trained scales are frozen into the packed format,
+saved and reloaded, and for each model: WikiText-2 perplexity (2048-token windows, the whole
+split unless ``--eval-windows``), weight bytes on disk, whether the reload gives bit-identical
+logits, and the training time.
 
 A run takes hours on a small CPU machine; run the same command again after a stop and it
 continues where it was (see ``training.py``). ``--start 3=FOLDER`` heals a model an earlier run
