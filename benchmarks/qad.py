@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (float32) is quantized with the bundled ``w3g64-gptq`` and
 recipes, calibrated on ``--samples`` windows of 2048 tokens of ``../shared/data/austen/`` (seed 0).
 Each quantized model then trains its group scales (the packed codes stay; the scales train as
 their logarithm, ``hfcompress.quantization.trainable``), and with ``--train scales norms`` the
-norms' weights too, on the same packed Austen blocks in the same order, with the same schedule,
+norms' weights too (``codes``: each code may also move one grid step), on the same packed Austen blocks in the same order, with the same schedule,
 twice: with ``DistillationTrainer`` from the float model (forward KL at ``--temperature``: QAD)
 and with cross-entropy on the text. Then the trained scales are frozen into the packed format,
 saved and reloaded, and for each model: WikiText-2 perplexity (2048-token windows, the whole
@@ -36,7 +36,13 @@ from training import CLOCK_FILE, Phases, add_training_arguments, prepare, save_a
 RECIPES = {3: "w3g64-gptq", 4: "w4g64-gptq"}
 TRAINED = {("scales",): "group scales only (log-parameterized); codes, norms, embeddings frozen",
            ("norms",): "norm weights only; codes, scales, embeddings frozen",
-           ("norms", "scales"): "group scales (log-parameterized) and norm weights; codes, embeddings frozen"}
+           ("codes",): "codes only (one grid step either way, straight-through rounding); scales, norms, embeddings "
+                       "frozen",
+           ("norms", "scales"): "group scales (log-parameterized) and norm weights; codes, embeddings frozen",
+           ("codes", "scales"): "group scales (log-parameterized) and codes (one grid step either way, straight-through "
+                                "rounding); norms, embeddings frozen",
+           ("codes", "norms", "scales"): "group scales (log-parameterized), codes (one grid step either way, "
+                                         "straight-through rounding) and norm weights; embeddings frozen"}
 
 
 def parse_args():
@@ -52,9 +58,9 @@ def parse_args():
                         help="heal this saved BITS-bit model (one a run of this script saved, say) instead of "
                              "quantizing one; with --skip-tokens, a continued run trains on new text")
     parser.add_argument("--skip-ce", action="store_true", help="train with QAD only, not the cross-entropy baseline")
-    parser.add_argument("--train", nargs="+", default=["scales"], choices=["scales", "norms"],
-                        help="what trains: the group scales, and the norms' weights with them (as a recipe's "
-                             "distill stage takes train: [scales, norms])")
+    parser.add_argument("--train", nargs="+", default=["scales"], choices=["scales", "norms", "codes"],
+                        help="what trains: the group scales, and with them the norms' weights and the codes' "
+                             "rounding (as a recipe's distill stage takes train: [scales, codes, norms])")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where GPTQ, training and evaluation run (Trainer takes the GPU when there is one)")
     args = parser.parse_args()

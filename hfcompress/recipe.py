@@ -578,14 +578,15 @@ class DistillStage(_Section):
 
     ``train`` says what learns: ``weights`` (every parameter; the default before quantize),
     ``scales`` (the group scales and zero points of packed layers, which stay packed: the default
-    after quantize, quantization-aware distillation), ``norms`` (the normalization weights) and
+    after quantize, quantization-aware distillation), ``codes`` (each packed code may move one grid
+    step: the rounding, learned end to end), ``norms`` (the normalization weights) and
     ``lora`` (LoRA adapters of rank ``lora_rank`` on every linear layer, needs peft; merged at the
     end, and after quantize the merged weights are quantized again by the recipe's quantize
     stage). With ``scales`` the learning rate is a relative step (scales train as their logarithm).
     """
 
     name: ClassVar[str] = "distill"
-    TRAINABLE: ClassVar[tuple[str, ...]] = ("weights", "scales", "norms", "lora")
+    TRAINABLE: ClassVar[tuple[str, ...]] = ("weights", "scales", "codes", "norms", "lora")
 
     teacher: str = "original"
     data: str | None = None
@@ -601,7 +602,7 @@ class DistillStage(_Section):
     loss: DistillLoss = field(default_factory=DistillLoss)
     layer_map: list[list[int]] | None = None  # [[student, teacher], ...] hidden-state indices
     dtype: str | None = None  # bfloat16: mixed-precision training
-    train: list[str] | None = None  # weights, scales, norms, lora; default: weights, or scales once quantized
+    train: list[str] | None = None  # weights, scales, codes, norms, lora; default: weights, or scales once quantized
     lora_rank: int = 16  # train: lora only (alpha is twice the rank)
 
     @property

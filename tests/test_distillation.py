@@ -200,17 +200,23 @@ def test_quantize_then_distill_heals_the_scales_and_stays_packed(tmp_path, sym):
         assert torch.equal(reloaded(data).logits, model(data).logits)
 
 
-def test_distill_trains_the_norms_with_the_scales_and_nothing_else(tmp_path):
-    """``train: [scales, norms]``: the norms' weights and the group scales move, the packed codes,
-    the embeddings and the LM head stay; the trained norms save as plain float weights."""
+def rtn_then_distill(train: list[str]):
+    """A 3-bit RTN model, and the same recipe followed by 8 distill steps training ``train``; and the data."""
     teacher = peaked_teacher()
     data = IDS[: 8 * 32].view(8, 32)
     quantize = {"quantize": {"method": "rtn", "bits": 3, "group_size": 32}}
     quantized = hfcompress.compress(copy.deepcopy(teacher), {"stages": [quantize]})
     model = copy.deepcopy(teacher)
     recipe = {"stages": [quantize, {"distill": {"teacher": "original", "steps": 8, "seq_len": 32, "batch_size": 8,
-                                                "lr": 1e-2, "warmup": 0.0, "train": ["scales", "norms"]}}]}
+                                                "lr": 1e-2, "warmup": 0.0, "train": train}}]}
     hfcompress.compress(model, recipe, calibration_data=data)
+    return quantized, model, data
+
+
+def test_distill_trains_the_norms_with_the_scales_and_nothing_else(tmp_path):
+    """``train: [scales, norms]``: the norms' weights and the group scales move, the packed codes,
+    the embeddings and the LM head stay; the trained norms save as plain float weights."""
+    quantized, model, _ = rtn_then_distill(["scales", "norms"])
     before, after = quantized.state_dict(), model.state_dict()
     assert before.keys() == after.keys()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -224,7 +230,25 @@ def test_distill_trains_the_norms_with_the_scales_and_nothing_else(tmp_path):
     assert all(torch.equal(reloaded[k], after[k]) for k in norms)
 
 
-def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path):
+def test_distill_trains_the_rounding_of_the_codes_a_step_at_most(tmp_path):
+    """``train: [scales, codes]``: packed codes move a grid step at most (no more than the clamp lets
+    them), the trained codes save in the same format, and the reload computes the same logits."""
+    quantized, model, data = rtn_then_distill(["scales", "codes"])
+    packed = [name for name, module in model.named_modules() if hasattr(module, "qweight")]
+    steps = torch.cat([(dict(model.named_modules())[name].unpack().q.long()
+                        - dict(quantized.named_modules())[name].unpack().q.long()).flatten() for name in packed])
+    assert steps.abs().max() == 1 and steps.ne(0).any()
+    assert not [name for name, _ in model.named_parameters() if "code_offsets" in name or "log_scales" in name]
+    model.save_pretrained(tmp_path / "trained")
+    quantized.save_pretrained(tmp_path / "untrained")
+    size = lambda folder: (tmp_path / folder / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("trained") == size("untrained")  # the same bits per weight
+    reloaded = type(model).from_pretrained(tmp_path / "trained")
+    with torch.no_grad():
+        assert torch.equal(reloaded(data).logits, model(data).logits)
+
+
+def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path, codes):
     from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
 
     blocks = PackedBlocks(IDS, 32)
@@ -233,7 +257,7 @@ def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path):
 
     def student():
         model = copy.deepcopy(quantized).requires_grad_(False)
-        make_scales_trainable(model)
+        make_scales_trainable(model, codes=codes)
         return model
 
     straight = DistillationTrainer(student(), arguments(tmp_path / "a"), teacher_model=teacher, train_dataset=blocks)
@@ -256,6 +280,9 @@ def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
     assert not torch.equal(straight.model.state_dict()["model.layers.0.mlp.up_proj.scales"],
                            quantized.state_dict()["model.layers.0.mlp.up_proj.scales"])
+    codes_moved = [not torch.equal(straight.model.state_dict()[k], v) for k, v in quantized.state_dict().items()
+                   if k.endswith("qweight")]
+    assert any(codes_moved) == codes
 
 
 def test_lora_adapters_on_a_quantized_model_merge_and_quantize_again():
@@ -283,9 +310,10 @@ def test_distill_after_quantize_refuses_to_train_packed_weights():
                          {"distill": {"steps": 1, "seq_len": 16, "train": ["weights"]}}]}
     with pytest.raises(hfcompress.errors.UserError, match="distill after quantize cannot train weights"):
         hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))  # by the recipe: nothing ran
-    recipe = {"stages": [{"distill": {"steps": 1, "seq_len": 16, "train": ["scales"]}}]}
-    with pytest.raises(hfcompress.errors.UserError, match="train: scales needs a quantized model"):
-        hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))
+    for part in ("scales", "codes"):
+        recipe = {"stages": [{"distill": {"steps": 1, "seq_len": 16, "train": [part]}}]}
+        with pytest.raises(hfcompress.errors.UserError, match=f"train: {part} needs a quantized model"):
+            hfcompress.compress(tiny_llama(), recipe, calibration_data=IDS[:64].view(2, 32))
 
 
 def free_port() -> int:

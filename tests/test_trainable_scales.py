@@ -1,13 +1,14 @@
-"""Trainable group scales and zero points (quantization-aware training that stays packed)."""
+"""Trainable group scales, zero points and codes (quantization-aware training that stays packed)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hfcompress.quantization.grid import QuantizedWeight
-from hfcompress.quantization.qlinear import TRAINABLE_SCALES, TRAINABLE_ZEROS, LinearFormat, QuantLinear
+from hfcompress.quantization.qlinear import CODE_GAIN, TRAINABLE_CODES, TRAINABLE_SCALES, TRAINABLE_ZEROS, LinearFormat, \
+    QuantLinear, moved_codes
 from hfcompress.quantization.rtn import quantize_rtn
-from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
+from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable, project_codes
 
 
 def _layer(bits=4, group_size=32, sym=False, act_order=False, in_features=100, bias=True, seed=0):
@@ -131,5 +132,65 @@ def test_a_zero_point_pushed_off_the_grid_computes_what_freezing_stores():
     freeze_scales(module)
     zeros = module.unpack().zeros
     assert zeros[0].eq(7).all() and zeros[1].eq(0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), trained)
+
+
+@pytest.mark.parametrize("bits, group_size, sym, act_order", [(3, 32, True, False), (4, 32, False, True), (2, 48, False, False)])
+def test_code_gradients_pass_straight_through_the_rounding_of_the_moved_codes(bits, group_size, sym, act_order):
+    module = _layer(bits, group_size, sym, act_order)
+    params = make_scales_trainable(module, codes=True)
+    offsets = getattr(module, TRAINABLE_CODES)
+    assert offsets.shape == (24, 100) and params[-1] is offsets
+    with torch.no_grad():  # about a third of the codes moved a step, up or down
+        offsets.uniform_(-1 / CODE_GAIN, 1 / CODE_GAIN)
+    x = torch.randn(3, 7, 100)
+    target = torch.randn(3, 7, 24)
+    F.mse_loss(module(x), target).backward()
+
+    # The same loss by autograd through an explicit dequantization, straight through the rounding.
+    codes = module.unpack()
+    copy = offsets.detach().clone().requires_grad_()
+    moved = codes.q.float() + CODE_GAIN * copy
+    q = moved + (moved.detach().round().clamp(0, 2**bits - 1) - moved).detach()
+    zeros = getattr(module, TRAINABLE_ZEROS).detach().round() if not sym else codes.zeros.float()
+    scales = getattr(module, TRAINABLE_SCALES).detach().exp()
+    weight = QuantizedWeight(q, scales, zeros, codes.g_idx, bits, group_size, sym).dequantize()
+    F.mse_loss(F.linear(x, weight, module.bias), target).backward()
+    torch.testing.assert_close(offsets.grad, copy.grad)
+    assert offsets.grad.abs().sum() > 0
+
+
+def test_trained_codes_move_one_step_at_most_and_freeze_into_the_packed_codes():
+    torch.manual_seed(2)
+    teacher = torch.nn.Linear(64, 16, bias=False)
+    qw = quantize_rtn(teacher.weight.detach(), 3, 32, sym=True)
+    module = QuantLinear.from_quantized(qw, None, LinearFormat(3, 32, True))
+    # Correlated inputs: with isotropic ones rounding to nearest is already the best rounding.
+    x = torch.randn(256, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(256, 64)
+    with torch.no_grad():
+        start = F.mse_loss(module(x), teacher(x)).item()
+    optimizer = torch.optim.Adam(make_scales_trainable(module, codes=True, scales=False), lr=1e-3)
+    with torch.no_grad():  # the offsets start spread within half a step: no code moved yet
+        torch.testing.assert_close(module(x), QuantLinear.from_quantized(qw, None, module.format)(x))
+    assert [p.requires_grad for p in module.parameters()] == [False, True]  # scales frozen, offsets train
+    for _ in range(200):
+        optimizer.zero_grad()
+        F.mse_loss(module(x), teacher(x).detach()).backward()
+        optimizer.step()
+        project_codes(module)
+        assert getattr(module, TRAINABLE_CODES).abs().max() <= 1 / CODE_GAIN
+    with torch.no_grad():
+        trained = module(x)
+    assert F.mse_loss(trained, teacher(x)).item() < 0.5 * start  # rounding to nearest is not the best rounding
+
+    scales = module.scales.clone()
+    expected = moved_codes(qw.q, getattr(module, TRAINABLE_CODES), 3)
+    assert freeze_scales(module) == 1
+    assert not list(module.parameters())
+    assert torch.equal(module.scales, scales)  # frozen scales rode along unchanged
+    assert torch.equal(module.unpack().q, expected.int())  # the packed codes are what the training computed with
+    step = expected - qw.q
+    assert step.abs().max() == 1 and step.ne(0).any()
     with torch.no_grad():
         torch.testing.assert_close(module(x), trained)

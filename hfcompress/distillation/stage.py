@@ -7,7 +7,8 @@ quantize`` distills the pruned model from the unpruned one). Training runs in a 
 
 After ``quantize`` the stage is quantization-aware distillation: the packed codes stay frozen and
 the group scales (and zero points) train (``quantization/trainable.py``), then go back into the
-packed format, so the model saves with the same bits per weight as before. Or LoRA adapters train
+packed format, so the model saves with the same bits per weight as before; with ``train: [codes]``
+each code may also move one grid step (its rounding learned end to end). Or LoRA adapters train
 on the packed layers (``train: [lora]``); at the end they merge into the dequantized weights, which
 the recipe's quantize stage then quantizes again (GPTQ sees the merged weights).
 """
@@ -77,9 +78,10 @@ def apply_distill_stage(model: nn.Module, stage: DistillStage, config: Compressi
             trainer.train()
         finally:
             model.train(was_training)
-            frozen = freeze_scales(model)  # trained scales back into the packed format
+            frozen = freeze_scales(model)  # trained scales (and codes) back into the packed format
             if frozen:
-                logger.info("distill: stored the trained scales of %d packed layers", frozen)
+                logger.info("distill: stored the trained %s of %d packed layers",
+                            " and ".join(p for p in ("scales", "codes") if p in parts), frozen)
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
     if student is not model:
@@ -118,18 +120,20 @@ def _parts(stage: DistillStage, config: CompressionConfig) -> list[str]:
     if config.modules and "weights" in parts:
         raise UserError("distill: the model is quantized and its packed weights do not train; use train: [scales] "
                         "(and norms), or put distill before quantize")
-    if not config.modules and "scales" in parts:
-        raise UserError("distill: train: scales needs a quantized model (packed layers have scales); put the "
-                        "distill stage after quantize, or train: [weights]")
+    for part in ("scales", "codes"):
+        if not config.modules and part in parts:
+            raise UserError(f"distill: train: {part} needs a quantized model (packed layers have {part}); put the "
+                            "distill stage after quantize, or train: [weights]")
     return parts
 
 
 def make_trainable(model: nn.Module, parts: list[str]) -> int:
-    """Set what trains (``weights``, ``scales``, ``norms``); return the number of trainable values."""
+    """Set what trains (``weights``, ``scales``, ``codes``, ``norms``, ``lora``); return the number
+    of trainable values."""
     if "weights" not in parts:
         model.requires_grad_(False)
-        if "scales" in parts:
-            make_scales_trainable(model)
+        if "scales" in parts or "codes" in parts:
+            make_scales_trainable(model, scales="scales" in parts, codes="codes" in parts)
         if "norms" in parts:
             for module in model.modules():
                 if "norm" in type(module).__name__.lower():  # LayerNorm, LlamaRMSNorm, ...

@@ -20,8 +20,10 @@ mapped student layer; those projections train with the student (an extra optimiz
 are saved in each checkpoint (``distillation_projections.safetensors``) so that resuming is exact.
 
 A quantized student whose scales train (``quantization/trainable.py``) checkpoints what trains,
-as an adapter checkpoint holds its adapters (``trained_parameters.safetensors``): the packed codes
-never change, and the model saves only once its scales are frozen back into the format.
+as an adapter checkpoint holds its adapters (``trained_parameters.safetensors``): the packed
+buffers never change in training (trained code offsets stay within one grid step: each optimizer
+step ends by projecting them back), and the model saves only once what trained is frozen back
+into the format.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from ..quantization.trainable import layers_in_training
+from ..quantization.trainable import layers_in_training, project_codes
 from ..recipe import check_divergence, check_loss_weights
 from .data import PackedBlocks
 from .losses import attention_kl, hidden_mse, logit_divergence
@@ -114,6 +116,14 @@ class _SaveProjections(TrainerCallback):
             save_file(tensors, str(folder / PROJECTIONS_FILE))
 
 
+class _ProjectCodes(TrainerCallback):
+    """Trained code offsets back within one grid step after every optimizer step (projected descent)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            project_codes(model)
+
+
 class DistillationTrainer(Trainer):
     """``Trainer`` with a distillation loss from ``teacher_model`` (a model, a path or a Hub id).
 
@@ -155,6 +165,7 @@ class DistillationTrainer(Trainer):
         self.projections = self._projections()
         if self.projections is not None:
             self.add_callback(_SaveProjections(self))
+        self.add_callback(_ProjectCodes())
 
     # --- what compute_loss needs ------------------------------------------------------------------
     def _shard_like_student(self, teacher: nn.Module) -> nn.Module:

@@ -43,6 +43,11 @@ from .pack import pack_columns, pack_rows, packed_length, unpack_columns, unpack
 # While a layer's scales train (``trainable.py``): the parameters beside the stored buffers.
 TRAINABLE_SCALES = "log_scales"  # float32 log of the scales: a step of the optimizer is a relative change
 TRAINABLE_ZEROS = "float_zeros"  # float32 zero points of an asymmetric layer, rounded in the forward pass
+TRAINABLE_CODES = "code_offsets"  # float32 [N, K] o: each code moves CODE_GAIN * o grid steps, one at most
+# The code offsets share the scales' learning rate (one Trainer, one schedule) but need steps about
+# fifty times larger: a scale's step is relative (1e-3 of itself), a code must be able to cross half
+# a grid step within a few dozen steps of a steady gradient, as block tuning's CODE_LR of 0.05.
+CODE_GAIN = 50.0
 
 
 class _PackedMatmul(torch.autograd.Function):
@@ -80,46 +85,60 @@ def _group_sum(t: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return torch.zeros(n_groups, n, dtype=t.dtype, device=t.device).index_add_(0, weight.g_idx.long(), t.t())
 
 
-def _codes(module: QuantLinear, scales: torch.Tensor, zeros: torch.Tensor) -> QuantizedWeight:
-    """The layer's codes with these scales and zero points; float zero points are rounded onto the
-    grid, as ``trainable.freeze_scales`` will store them."""
+def moved_codes(q: torch.Tensor, offsets: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes ``q`` ``[N, K]`` moved by trained ``offsets`` (``TRAINABLE_CODES``) one grid step
+    either way at most, on the grid (float)."""
+    move = (CODE_GAIN * offsets.detach()).clamp(-1, 1)
+    return (q.float() + move).round().clamp(0, 2**bits - 1)
+
+
+def _codes(module: QuantLinear, scales: torch.Tensor, zeros: torch.Tensor,
+           offsets: torch.Tensor | None = None) -> QuantizedWeight:
+    """The layer's codes (moved by ``offsets``) with these scales and zero points; float zero points
+    and moved codes are rounded onto the grid, as ``trainable.freeze_scales`` will store them."""
     weight = module.unpack()
     weight.scales = scales.detach()
     weight.zeros = zeros.detach().round().clamp(0, 2**module.format.bits - 1)
+    if offsets is not None:
+        weight.q = moved_codes(weight.q, offsets, module.format.bits)
     return weight
 
 
 class _ScaledMatmul(torch.autograd.Function):
-    """``y = x @ (s * (q - round(z)))^T + b``, differentiable in ``x``, the scales ``s`` and the
-    zero points ``z``: the forward pass of a layer whose scales train (``trainable.py``, where
-    the gradients are derived). As in ``_PackedMatmul``, the backward dequantizes the weight
-    again instead of keeping it."""
+    """``y = x @ (s * (round(q + o) - round(z)))^T + b``, differentiable in ``x``, the scales ``s``,
+    the zero points ``z`` and the code offsets ``o`` (None: the codes stay): the forward pass of a
+    layer whose scales train (``trainable.py``, where the gradients are derived). As in
+    ``_PackedMatmul``, the backward dequantizes the weight again instead of keeping it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, module: QuantLinear):
+    def forward(ctx, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, offsets: torch.Tensor | None,
+                module: QuantLinear):
         ctx.module = module
-        ctx.save_for_backward(x, scales, zeros)
-        weight = _codes(module, scales, zeros).dequantize()
+        ctx.save_for_backward(x, scales, zeros, offsets)
+        weight = _codes(module, scales, zeros, offsets).dequantize()
         bias = module.bias.to(x.dtype) if module.bias is not None else None
         return F.linear(x, weight.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, scales, zeros = ctx.saved_tensors
-        weight = _codes(ctx.module, scales, zeros)
+        x, scales, zeros, offsets = ctx.saved_tensors
+        weight = _codes(ctx.module, scales, zeros, offsets)
         w = weight.dequantize()
         grad2 = grad.reshape(-1, grad.shape[-1]).float()
         grad_x = (grad2 @ w).view(*grad.shape[:-1], w.shape[1]).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_s = grad_z = None
-        if not any(ctx.needs_input_grad[1:3]):
-            return grad_x, None, None, None
+        grad_s = grad_z = grad_o = None
+        if not any(ctx.needs_input_grad[1:4]):
+            return grad_x, None, None, None, None
         grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]).float()  # [N, K], dropped on return
         if ctx.needs_input_grad[1]:
             # q - z is w / s (scales are positive): sum dW * w over each group, then divide.
             grad_s = (_group_sum(grad_w * w, weight) / weight.scales.float()).to(scales.dtype)
         if ctx.needs_input_grad[2]:
             grad_z = (-_group_sum(grad_w, weight) * scales.detach().float()).to(zeros.dtype)
-        return grad_x, grad_s, grad_z, None
+        if ctx.needs_input_grad[3]:
+            # dW/dq = s, straight through the rounding, and q moves by CODE_GAIN * o.
+            grad_o = (grad_w * weight.scales.t().float()[:, weight.g_idx.long()] * CODE_GAIN).to(offsets.dtype)
+        return grad_x, grad_s, grad_z, grad_o, None
 
 
 class QuantLinear(nn.Module):
@@ -245,7 +264,7 @@ class QuantLinear(nn.Module):
         zeros = self._parameters.get(TRAINABLE_ZEROS)
         if zeros is None:  # symmetric (or zero points frozen): the stored integers
             zeros = unpack_columns(self.qzeros, self.format.bits, self.out_features).float()
-        return _ScaledMatmul.apply(x, scales, zeros, self)
+        return _ScaledMatmul.apply(x, scales, zeros, self._parameters.get(TRAINABLE_CODES), self)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.prepare_kernel(x.device) if dispatch.enabled() else None
