@@ -248,6 +248,7 @@ def test_distill_trains_the_rounding_of_the_codes_a_step_at_most(tmp_path):
         assert torch.equal(reloaded(data).logits, model(data).logits)
 
 
+@pytest.mark.parametrize("codes", [False, True])
 def test_a_run_training_scales_checkpoints_them_and_resumes_exactly(tmp_path, codes):
     from hfcompress.quantization.trainable import freeze_scales, make_scales_trainable
 

@@ -14,9 +14,16 @@ Gradients, for a group ``g`` of columns ``k`` and an output channel ``n``, from 
 With ``codes`` each code may move one grid step either way, through an offset ``o`` per weight
 that the forward pass rounds (``q' = round(q + 50 o)``, clamped to one step; ``qlinear.CODE_GAIN``)
 with the gradient passed straight through the rounding, as AutoRound trains rounding, end to end
-here rather than block by block (the offsets start spread within half a step: ``_dither``):
+here rather than block by block:
 
     dL/do[n, k] = 50 * dW[n, k] * s[g, n]
+
+The offsets start at zero, half a step from moving any code: Adam's first steps are about the
+learning rate for every parameter whatever its gradient, so offsets started spread within the
+half step (as AutoRound's start at each weight's own distance from its rounding boundary) move
+the codes near the edge on one batch's noise. Measured on SmolLM2 at 3 bits: that start took the
+forward KL from 0.18 to 3.0 within 8 steps; from zero a code moves only after its gradient has
+kept one sign for about ten steps.
 
 The scales train as their logarithm: an optimizer step is then a relative change of each scale,
 whatever its size (scales span orders of magnitude across layers), and a scale never crosses
@@ -45,7 +52,6 @@ def make_scales_trainable(model: nn.Module, zero_points: bool = True, codes: boo
     they trained to. Packed embedding tables and packed tensors stay as they are: lookups and their
     owners' code read them, not the layer's forward pass that trains."""
     params = []
-    generator = torch.Generator().manual_seed(0)
     for module in model.modules():
         if not is_packed_linear(module) or TRAINABLE_SCALES in module._parameters:
             continue
@@ -54,25 +60,14 @@ def make_scales_trainable(model: nn.Module, zero_points: bool = True, codes: boo
             zeros = unpack_columns(module.qzeros, module.format.bits, module.out_features).float()
             new[TRAINABLE_ZEROS] = nn.Parameter(zeros, requires_grad=scales)
         if codes:
-            new[TRAINABLE_CODES] = nn.Parameter(_dither(module, generator))
+            new[TRAINABLE_CODES] = nn.Parameter(torch.zeros(module.out_features, module.in_features,
+                                                            device=module.qweight.device))
         for name, param in new.items():
             module.register_parameter(name, param)
             if param.requires_grad:
                 params.append(param)
         module._kernel = None
     return params
-
-
-def _dither(module: QuantLinear, generator: torch.Generator) -> torch.Tensor:
-    """Code offsets that start anywhere within half a grid step (every code still rounds to itself).
-
-    From zero, every offset would need the same half step to move its code, and Adam moves each
-    parameter at about the learning rate whatever its gradient's size: all the codes a steady
-    gradient pushes would flip in the same step, together, and the loss jump. Spread over the half
-    step, they flip one after another as the gradient persists, each flip felt by the next, as
-    AutoRound's offsets start at each weight's own distance from its rounding boundary."""
-    uniform = torch.rand(module.out_features, module.in_features, generator=generator)
-    return ((uniform - 0.5) * (0.98 / CODE_GAIN)).to(module.qweight.device)
 
 
 @torch.no_grad()
