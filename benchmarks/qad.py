@@ -34,15 +34,13 @@ from training import CLOCK_FILE, Phases, add_training_arguments, prepare, save_a
     training_protocol  # noqa: E402
 
 RECIPES = {3: "w3g64-gptq", 4: "w4g64-gptq"}
+CODES = "codes (one grid step either way, straight-through rounding, 20x the lr)"
 TRAINED = {("scales",): "group scales only (log-parameterized); codes, norms, embeddings frozen",
            ("norms",): "norm weights only; codes, scales, embeddings frozen",
-           ("codes",): "codes only (one grid step either way, straight-through rounding); scales, norms, embeddings "
-                       "frozen",
+           ("codes",): f"{CODES} only; scales, norms, embeddings frozen",
            ("norms", "scales"): "group scales (log-parameterized) and norm weights; codes, embeddings frozen",
-           ("codes", "scales"): "group scales (log-parameterized) and codes (one grid step either way, straight-through "
-                                "rounding); norms, embeddings frozen",
-           ("codes", "norms", "scales"): "group scales (log-parameterized), codes (one grid step either way, "
-                                         "straight-through rounding) and norm weights; embeddings frozen"}
+           ("codes", "scales"): f"group scales (log-parameterized) and {CODES}; norms, embeddings frozen",
+           ("codes", "norms", "scales"): f"group scales (log-parameterized), {CODES} and norm weights; embeddings frozen"}
 
 
 def parse_args():

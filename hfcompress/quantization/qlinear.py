@@ -44,10 +44,14 @@ from .pack import pack_columns, pack_rows, packed_length, unpack_columns, unpack
 TRAINABLE_SCALES = "log_scales"  # float32 log of the scales: a step of the optimizer is a relative change
 TRAINABLE_ZEROS = "float_zeros"  # float32 zero points of an asymmetric layer, rounded in the forward pass
 TRAINABLE_CODES = "code_offsets"  # float32 [N, K] o: each code moves CODE_GAIN * o grid steps, one at most
-# The code offsets share the scales' learning rate (one Trainer, one schedule) but need steps about
-# fifty times larger: a scale's step is relative (1e-3 of itself), a code must be able to cross half
-# a grid step within a few dozen steps of a steady gradient, as block tuning's CODE_LR of 0.05.
-CODE_GAIN = 50.0
+# The code offsets share the scales' learning rate (one Trainer, one schedule) but need larger
+# steps: a scale's step is relative (1e-3 of itself), while a code moves only once its offset has
+# gathered half a grid step. At 20x, a run of ~100 steps at lr 1e-3 (cosine) can gather about one
+# step in all: a code moves only where the gradient keeps one sign for most of the run. At 50x
+# (block tuning's CODE_LR of 0.05 per step) the codes with a steady sign all crossed together
+# after about 15 steps, and end-to-end training on SmolLM2 3-bit fell apart (forward KL
+# 0.18 -> 0.75 by step 28).
+CODE_GAIN = 20.0
 
 
 class _PackedMatmul(torch.autograd.Function):

@@ -12,18 +12,18 @@ Gradients, for a group ``g`` of columns ``k`` and an output channel ``n``, from 
     dL/dz[g, n] = -sum_{k in g} dW[n, k] * s[g, n]
 
 With ``codes`` each code may move one grid step either way, through an offset ``o`` per weight
-that the forward pass rounds (``q' = round(q + 50 o)``, clamped to one step; ``qlinear.CODE_GAIN``)
+that the forward pass rounds (``q' = round(q + 20 o)``, clamped to one step; ``qlinear.CODE_GAIN``)
 with the gradient passed straight through the rounding, as AutoRound trains rounding, end to end
 here rather than block by block:
 
-    dL/do[n, k] = 50 * dW[n, k] * s[g, n]
+    dL/do[n, k] = 20 * dW[n, k] * s[g, n]
 
 The offsets start at zero, half a step from moving any code: Adam's first steps are about the
 learning rate for every parameter whatever its gradient, so offsets started spread within the
 half step (as AutoRound's start at each weight's own distance from its rounding boundary) move
 the codes near the edge on one batch's noise. Measured on SmolLM2 at 3 bits: that start took the
-forward KL from 0.18 to 3.0 within 8 steps; from zero a code moves only after its gradient has
-kept one sign for about ten steps.
+forward KL from 0.18 to 3.0 within 8 steps. From zero a code moves only after its gradient has
+kept one sign long enough (``qlinear.CODE_GAIN`` says how long).
 
 The scales train as their logarithm: an optimizer step is then a relative change of each scale,
 whatever its size (scales span orders of magnitude across layers), and a scale never crosses
