@@ -99,8 +99,7 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path):
                                 train_dataset=blocks)
     first.train()
     resumed_model = scrambled(copy.deepcopy(student))  # equal at the end only if the checkpoint loaded
-    resumed = DistillationTrainer(resumed_model, arguments(tmp_path / "b", **lr), teacher_model=teacher,
-                                  train_dataset=blocks)
+    resumed = DistillationTrainer(resumed_model, arguments(tmp_path / "b"), teacher_model=teacher, train_dataset=blocks)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-3"))
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name

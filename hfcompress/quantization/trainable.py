@@ -1,7 +1,7 @@
 """Trainable group scales (zero points, codes): quantization-aware training that stays packed.
 
-A packed layer multiplies by ``W = s[g] * (q - z[g])``: integer codes ``q`` (frozen unless ``codes``), one scale
-``s`` and one zero point ``z`` per group ``g`` and output channel. Training ``s`` (and ``z`` when
+A packed layer multiplies by ``W = s[g] * (q - z[g])``: integer codes ``q`` (frozen unless
+``codes``), one scale ``s`` and one zero point ``z`` per group ``g`` and output channel. Training ``s`` (and ``z`` when
 asymmetric) against a teacher heals what rounding lost while the codes, the file format and the
 bits per weight stay as they are (learned step sizes, as LSQ and ModelOpt's QAD train them).
 
