@@ -4,12 +4,12 @@ SmolLM2-135M-Instruct (float32) is quantized with the bundled ``w3g64-gptq`` and
 recipes, calibrated on ``--samples`` windows of 2048 tokens of ``../shared/data/austen/`` (seed 0).
 Each quantized model then trains its group scales (the packed codes stay; the scales train as
 their logarithm, ``hfcompress.quantization.trainable``), and with ``--train scales norms`` the
-norms' weights too (``codes``: each code may also move one grid step), on the same packed Austen blocks in the same order, with the same schedule,
-twice: with ``DistillationTrainer`` from the float model (forward KL at ``--temperature``: QAD)
-and with cross-entropy on the text. Then the trained scales are frozen into the packed format,
-saved and reloaded, and for each model: WikiText-2 perplexity (2048-token windows, the whole
-split unless ``--eval-windows``), weight bytes on disk, whether the reload gives bit-identical
-logits, and the training time.
+norms' weights too (``codes``: each code may also move one grid step), on the same packed Austen
+blocks in the same order, with the same schedule, twice: with ``DistillationTrainer`` from the
+float model (forward KL at ``--temperature``: QAD) and with cross-entropy on the text. Then the
+trained scales are frozen into the packed format, saved and reloaded, and for each model:
+WikiText-2 perplexity (2048-token windows, the whole split unless ``--eval-windows``), weight
+bytes on disk, whether the reload gives bit-identical logits, and the training time.
 
 A run takes hours on a small CPU machine; run the same command again after a stop and it
 continues where it was (see ``training.py``). ``--start 3=FOLDER`` heals a model an earlier run

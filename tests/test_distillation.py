@@ -234,9 +234,8 @@ def test_distill_trains_the_rounding_of_the_codes_a_step_at_most(tmp_path):
     """``train: [scales, codes]``: packed codes move a grid step at most (no more than the clamp lets
     them), the trained codes save in the same format, and the reload computes the same logits."""
     quantized, model, data = rtn_then_distill(["scales", "codes"])
-    packed = [name for name, module in model.named_modules() if hasattr(module, "qweight")]
-    steps = torch.cat([(dict(model.named_modules())[name].unpack().q.long()
-                        - dict(quantized.named_modules())[name].unpack().q.long()).flatten() for name in packed])
+    pairs = [(a, b) for a, b in zip(model.modules(), quantized.modules()) if hasattr(a, "qweight")]
+    steps = torch.cat([(a.unpack().q.long() - b.unpack().q.long()).flatten() for a, b in pairs])
     assert steps.abs().max() == 1 and steps.ne(0).any()
     assert not [name for name, _ in model.named_parameters() if "code_offsets" in name or "log_scales" in name]
     model.save_pretrained(tmp_path / "trained")
